@@ -1,0 +1,20 @@
+"""Model families (hosts): where a ViT's blocks are and what a method may attach to.
+
+Importing this package registers every built-in family. Adding a family is one file
+that calls :func:`register_host`.
+"""
+
+from .base import BlockParts, HostFamily, HostSpec, UnsupportedModelError
+from .registry import describe_host, register_host, supported_families, unregister_host
+from . import timm_vit, timm_eva, timm_sam, hf_dinov2, hf_vit, hf_clip, hf_sam  # noqa: F401  (registration)
+
+__all__ = [
+    "BlockParts",
+    "HostFamily",
+    "HostSpec",
+    "UnsupportedModelError",
+    "describe_host",
+    "register_host",
+    "supported_families",
+    "unregister_host",
+]

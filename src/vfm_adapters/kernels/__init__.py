@@ -1,0 +1,90 @@
+"""Rein's token-feature attention: the PyTorch reference and the dispatch between kernels.
+
+``kernel="torch"`` runs :func:`rein_update_reference`; ``"triton"`` the fused Triton
+kernels (:mod:`vfm_adapters.kernels.triton_rein`); ``"auto"`` picks Triton for CUDA
+tensors when Triton is installed, PyTorch otherwise.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+from torch import Tensor
+
+from .reference import rein_update_reference
+
+KERNELS = ("auto", "torch", "triton")
+
+
+def triton_interpreter_enabled() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def triton_can_run() -> tuple[bool, str]:
+    """Whether the Triton kernels can run here, and if not, why."""
+    if importlib.util.find_spec("triton") is None:
+        return False, "the 'triton' package is not installed (pip install triton)"
+    if torch.cuda.is_available() or triton_interpreter_enabled():
+        return True, ""
+    return False, "no CUDA GPU is visible and the Triton interpreter is off (set TRITON_INTERPRET=1 to run on CPU)"
+
+
+def check_kernel(kernel: str) -> str:
+    """Validates a ``kernel=`` option; raises a clear error for one that cannot run here.
+
+    Example:
+        >>> check_kernel("torch")
+        'torch'
+        >>> check_kernel("cuda")
+        Traceback (most recent call last):
+        ...
+        ValueError: kernel='cuda' is not one of 'auto', 'torch', 'triton'
+    """
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel={kernel!r} is not one of {', '.join(repr(k) for k in KERNELS)}")
+    if kernel == "triton":
+        able, why = triton_can_run()
+        if not able:
+            raise RuntimeError(f"kernel='triton' cannot run on this machine: {why}; use kernel='torch' or 'auto'")
+    return kernel
+
+
+def resolve_kernel(kernel: str, feats: Tensor) -> str:
+    if kernel == "auto":
+        return "triton" if feats.is_cuda and triton_can_run()[0] else "torch"
+    return kernel
+
+
+def rein_update(
+    feats: Tensor,
+    tokens: Tensor,
+    token_to_feature_weight: Tensor,
+    token_to_feature_bias: Tensor | None,
+    delta_weight: Tensor,
+    delta_bias: Tensor | None,
+    scale: Tensor,
+    kernel: str = "torch",
+) -> Tensor:
+    """One Rein layer update, ``f + s * df``, with the chosen implementation.
+
+    Example:
+        >>> import torch
+        >>> f, t, w = torch.randn(2, 5, 8), torch.randn(3, 8), torch.randn(8, 8)
+        >>> a = rein_update(f, t, w, None, w, None, torch.tensor(0.1), kernel="torch")
+        >>> torch.allclose(a, rein_update_reference(f, t, w, None, w, None, torch.tensor(0.1)))
+        True
+    """
+    if resolve_kernel(kernel, feats) == "triton":
+        from .triton_rein import rein_update_triton
+
+        return rein_update_triton(
+            feats, tokens, token_to_feature_weight, token_to_feature_bias, delta_weight, delta_bias, scale
+        )
+    return rein_update_reference(
+        feats, tokens, token_to_feature_weight, token_to_feature_bias, delta_weight, delta_bias, scale
+    )
+
+
+__all__ = ["KERNELS", "check_kernel", "rein_update", "rein_update_reference", "resolve_kernel", "triton_can_run"]

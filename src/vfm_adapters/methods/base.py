@@ -1,0 +1,278 @@
+"""What every method shares: configs, the registry, and injection that is all-or-nothing.
+
+A method is one :class:`AdapterMethod` subclass and one :class:`MethodConfig` dataclass.
+The method's ``attach`` builds its modules and registers hooks on the points the
+:class:`~vfm_adapters.hosts.HostSpec` names; this module does the bookkeeping that must be
+the same for every method: refusing a second injection of one method, freezing the host,
+rolling back a failed injection, and removing adapters so the model is exactly as before.
+
+Injected state lives on the model itself:
+
+* ``model.vfm_adapters``: an ``nn.ModuleDict`` of adapter modules (so ``.to()``,
+  ``.parameters()``, ``state_dict()`` and optimisers see them), and
+* ``model._vfm_adapters_state``: an :class:`InjectionState` (hooks, configs, the host
+  parameters' original ``requires_grad`` flags).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar
+
+import torch
+from torch import nn
+
+from ..hosts import HostSpec, describe_host
+
+ADAPTERS_ATTRIBUTE = "vfm_adapters"
+STATE_ATTRIBUTE = "_vfm_adapters_state"
+
+
+class AdapterError(ValueError):
+    """Raised for adapter misuse: a method injected twice, incompatible checkpoints ..."""
+
+
+@dataclass
+class MethodConfig:
+    """Base of every method's options. Subclasses validate in ``__post_init__``.
+
+    Fields listed in ``runtime_fields`` (such as the kernel choice) describe how to run,
+    not what was trained, and are not written to checkpoints.
+    """
+
+    runtime_fields: ClassVar[tuple[str, ...]] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        values = dataclasses.asdict(self)
+        for name in self.runtime_fields:
+            values.pop(name, None)
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "MethodConfig":
+        accepted = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - accepted)
+        if unknown:
+            raise AdapterError(
+                f"{cls.__name__} got unknown option(s) {unknown}; accepted: {sorted(accepted)}"
+            )
+        return cls(**values)
+
+
+@dataclass
+class Attachment:
+    """Everything one injected method changed, so that it can be undone.
+
+    ``attach`` appends to it as it goes; if ``attach`` raises, the framework undoes what
+    was recorded so far, so a failed injection leaves the model untouched.
+    """
+
+    module: nn.Module | None = None
+    handles: list[Any] = field(default_factory=list)
+    undo: list[Callable[[], None]] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def revert(self) -> None:
+        for handle in reversed(self.handles):
+            handle.remove()
+        self.handles.clear()
+        for step in reversed(self.undo):
+            step()
+        self.undo.clear()
+
+
+@dataclass
+class InjectionState:
+    host: HostSpec
+    configs: dict[str, MethodConfig] = field(default_factory=dict)
+    attachments: dict[str, Attachment] = field(default_factory=dict)
+    original_requires_grad: dict[str, bool] = field(default_factory=dict)
+
+
+class AdapterMethod:
+    """A parameter-efficient method. Subclasses set ``name`` and ``config_class``."""
+
+    name: ClassVar[str]
+    config_class: ClassVar[type[MethodConfig]]
+
+    def check(self, model: nn.Module, host: HostSpec, config: MethodConfig) -> None:
+        """Raises if the method cannot attach to this host; must not change anything."""
+
+    def attach(self, model: nn.Module, host: HostSpec, config: MethodConfig, attachment: Attachment) -> None:
+        raise NotImplementedError
+
+    def parameters(self, model: nn.Module, attachment: Attachment) -> list[nn.Parameter]:
+        return list(attachment.module.parameters()) if attachment.module is not None else []
+
+    def state_dict(self, model: nn.Module, attachment: Attachment) -> dict[str, torch.Tensor]:
+        """The tensors a checkpoint holds for this method, keyed without the method prefix."""
+        return dict(attachment.module.state_dict()) if attachment.module is not None else {}
+
+    def load_state_dict(self, model: nn.Module, attachment: Attachment, tensors: dict[str, torch.Tensor]) -> None:
+        attachment.module.load_state_dict(tensors, strict=True)
+
+
+_METHODS: dict[str, AdapterMethod] = {}
+
+
+def register_method(method: AdapterMethod) -> AdapterMethod:
+    _METHODS[method.name] = method
+    return method
+
+
+def get_method(name: str) -> AdapterMethod:
+    if name not in _METHODS:
+        raise AdapterError(f"unknown adapter method {name!r}; available: {sorted(_METHODS)}")
+    return _METHODS[name]
+
+
+def available_methods() -> list[str]:
+    return sorted(_METHODS)
+
+
+def injection_state(model: nn.Module) -> InjectionState | None:
+    return getattr(model, STATE_ATTRIBUTE, None)
+
+
+def injected_methods(model: nn.Module) -> list[str]:
+    """Names of the methods injected into ``model``, in injection order.
+
+    Example:
+        >>> import timm, vfm_adapters as va
+        >>> vit = timm.create_model("vit_small_patch14_dinov2", depth=2, embed_dim=64,
+        ...                         num_heads=2, img_size=56)
+        >>> injected_methods(va.inject_rein(vit))
+        ['rein']
+    """
+    state = injection_state(model)
+    return list(state.configs) if state is not None else []
+
+
+def adapter_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """Every parameter that belongs to an injected adapter."""
+    state = injection_state(model)
+    if state is None:
+        return []
+    params: list[nn.Parameter] = []
+    for name, attachment in state.attachments.items():
+        params.extend(get_method(name).parameters(model, attachment))
+    return params
+
+
+def _adapter_container(model: nn.Module) -> nn.ModuleDict:
+    container = getattr(model, ADAPTERS_ATTRIBUTE, None)
+    if container is None:
+        container = nn.ModuleDict()
+        model.add_module(ADAPTERS_ATTRIBUTE, container)
+    return container
+
+
+def _freeze_host(model: nn.Module, state: InjectionState) -> None:
+    keep = {id(p) for p in adapter_parameters(model)}
+    for name, param in model.named_parameters():
+        if id(param) not in keep:
+            param.requires_grad_(False)
+
+
+def inject(model: nn.Module, method_name: str, config: MethodConfig, freeze_host: bool = True) -> nn.Module:
+    """Injects one method into ``model`` in place; on any error the model is unchanged.
+
+    Args:
+        model: A supported ViT (see :func:`vfm_adapters.hosts.supported_families`).
+        method_name: A registered method, e.g. ``"rein"``.
+        config: The method's config.
+        freeze_host: Set ``requires_grad=False`` on every parameter that is not an adapter's.
+
+    Returns:
+        ``model`` itself.
+
+    Example:
+        >>> import timm
+        >>> from vfm_adapters.methods.rein import ReinConfig
+        >>> vit = timm.create_model("vit_small_patch14_dinov2", depth=2, embed_dim=64,
+        ...                         num_heads=2, img_size=56)
+        >>> _ = inject(vit, "rein", ReinConfig(token_length=10, rank=4))
+        >>> sum(p.numel() for p in vit.parameters() if p.requires_grad) > 0
+        True
+    """
+    method = get_method(method_name)
+    if not isinstance(config, method.config_class):
+        raise AdapterError(f"{method_name} expects a {method.config_class.__name__}, got {type(config).__name__}")
+    host = describe_host(model)
+    state = injection_state(model)
+    if state is not None and method_name in state.configs:
+        raise AdapterError(
+            f"{method_name!r} is already injected into this model; call "
+            f"vfm_adapters.remove_adapters(model, {method_name!r}) first to replace it"
+        )
+    method.check(model, host, config)
+
+    new_state = state is None
+    if new_state:
+        state = InjectionState(
+            host=host,
+            original_requires_grad={n: p.requires_grad for n, p in model.named_parameters()},
+        )
+    had_container = hasattr(model, ADAPTERS_ATTRIBUTE)
+    attachment = Attachment()
+    try:
+        method.attach(model, host, config, attachment)
+        if attachment.module is not None:
+            _adapter_container(model)[method_name] = attachment.module
+    except BaseException:
+        attachment.revert()
+        container = getattr(model, ADAPTERS_ATTRIBUTE, None)
+        if container is not None and method_name in container:
+            del container[method_name]
+        if not had_container and hasattr(model, ADAPTERS_ATTRIBUTE):
+            delattr(model, ADAPTERS_ATTRIBUTE)
+        raise
+    state.configs[method_name] = config
+    state.attachments[method_name] = attachment
+    if new_state:
+        object.__setattr__(model, STATE_ATTRIBUTE, state)
+    if freeze_host:
+        _freeze_host(model, state)
+    return model
+
+
+def remove_adapters(model: nn.Module, method_name: str | None = None) -> nn.Module:
+    """Removes one method (or all) and gives back the original model exactly.
+
+    Hooks come off, adapter modules are deleted, wrapped layers are restored, and once
+    the last method is gone every host parameter gets its original ``requires_grad``.
+
+    Example:
+        >>> import timm, torch, vfm_adapters as va
+        >>> vit = timm.create_model("vit_small_patch14_dinov2", depth=2, embed_dim=64,
+        ...                         num_heads=2, img_size=56).eval()
+        >>> x = torch.randn(1, 3, 56, 56)
+        >>> before = vit(x)
+        >>> _ = va.remove_adapters(va.inject_rein(vit))
+        >>> torch.equal(vit(x), before)
+        True
+    """
+    state = injection_state(model)
+    if state is None:
+        if method_name is None:
+            return model
+        raise AdapterError(f"no adapters are injected into this model (asked to remove {method_name!r})")
+    names = list(state.configs) if method_name is None else [method_name]
+    for name in names:
+        if name not in state.configs:
+            raise AdapterError(f"{name!r} is not injected into this model; injected: {list(state.configs)}")
+    for name in reversed(names):
+        state.attachments.pop(name).revert()
+        state.configs.pop(name)
+        container = getattr(model, ADAPTERS_ATTRIBUTE, None)
+        if container is not None and name in container:
+            del container[name]
+    if not state.configs:
+        if hasattr(model, ADAPTERS_ATTRIBUTE):
+            delattr(model, ADAPTERS_ATTRIBUTE)
+        for name, param in model.named_parameters():
+            if name in state.original_requires_grad:
+                param.requires_grad_(state.original_requires_grad[name])
+        object.__delattr__(model, STATE_ATTRIBUTE)
+    return model

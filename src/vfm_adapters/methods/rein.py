@@ -1,0 +1,277 @@
+"""Rein ("Stronger, Fewer, & Superior", CVPR 2024): learnable tokens refine each block's output.
+
+After block ``i`` the patch tokens ``f`` attend to ``m`` learnable tokens
+``T_i = A_i B_i`` (the low-rank "LoRA-Rein" variant behind every number in the paper),
+and the result updates the features::
+
+    S = softmax(f T_i^T / sqrt(c)); V = T_i[1:] W_t^T + b_t        (token 0 is a sink)
+    f <- f + s * ((S[:, 1:] V + f) W_f^T + b_f)
+
+``W_t, b_t, W_f, b_f`` and the scalar ``s`` (initialised to 1e-3) are shared by all
+layers. Prefix tokens (CLS, registers) pass through unchanged. The tokens also produce
+the object queries of a Mask2Former head (:meth:`Rein.queries`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from ..hosts import HostSpec
+from ..kernels import check_kernel, rein_update
+from .base import AdapterError, AdapterMethod, Attachment, MethodConfig, register_method
+
+
+@dataclass
+class ReinConfig(MethodConfig):
+    """Rein's options; the defaults are the paper's (2,990,081 parameters on a ViT-L).
+
+    Attributes:
+        token_length: Learnable tokens per layer, ``m`` (100; equals the number of queries).
+        rank: Rank ``r`` of ``T = A B``; ``None`` stores full-rank tokens ``T`` (m x c).
+        layers: Block indices to refine; ``None`` means every block, ``"global"`` the
+            global-attention blocks of a windowed host (SAM's released setup).
+        query_dim: Width of the object queries produced for a decode head (256).
+        link_queries: Create the ``transform``/``merge`` layers that make the queries.
+        scale_init: Initial value of the learnable scale ``s`` (1e-3; 0.01 hurts).
+        zero_init_delta: The variant that zero-initialises ``W_f, b_f`` and fixes ``s = 1``.
+        patch_size: Patch size in the init bound; ``None`` takes the host's.
+        kernel: ``"auto"`` (Triton on CUDA, else PyTorch), ``"torch"`` or ``"triton"``.
+    """
+
+    token_length: int = 100
+    rank: int | None = 16
+    layers: Sequence[int] | str | None = None
+    query_dim: int = 256
+    link_queries: bool = True
+    scale_init: float = 1e-3
+    zero_init_delta: bool = False
+    patch_size: int | None = None
+    kernel: str = "auto"
+
+    runtime_fields: ClassVar[tuple[str, ...]] = ("kernel",)
+
+    def __post_init__(self) -> None:
+        def positive_int(name: str, value: object) -> None:
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"ReinConfig.{name} must be a positive integer, got {value!r}")
+
+        positive_int("token_length", self.token_length)
+        positive_int("query_dim", self.query_dim)
+        if self.rank is not None:
+            positive_int("rank", self.rank)
+        if self.patch_size is not None:
+            positive_int("patch_size", self.patch_size)
+        if not math.isfinite(self.scale_init):
+            raise ValueError(f"ReinConfig.scale_init must be finite, got {self.scale_init!r}")
+        if isinstance(self.layers, str):
+            if self.layers != "global":
+                raise ValueError(f"ReinConfig.layers must be None, 'global' or a list of block indices, got {self.layers!r}")
+        elif self.layers is not None:
+            layers = tuple(self.layers)
+            if not layers or any(isinstance(i, bool) or not isinstance(i, int) for i in layers):
+                raise ValueError(f"ReinConfig.layers must be a non-empty list of block indices, got {self.layers!r}")
+            if len(set(layers)) != len(layers):
+                raise ValueError(f"ReinConfig.layers has repeated blocks: {list(layers)}")
+            self.layers = layers
+        check_kernel(self.kernel)
+
+    def block_indices(self, host: HostSpec) -> list[int]:
+        """The host blocks this config refines, validated against the host."""
+        if self.layers is None:
+            return list(range(host.depth))
+        if self.layers == "global":
+            if not host.global_blocks:
+                raise AdapterError(f"layers='global' needs a windowed host such as SAM; {host.family} has no global blocks")
+            return list(host.global_blocks)
+        indices = [i + host.depth if i < 0 else i for i in self.layers]
+        bad = [i for i, j in zip(self.layers, indices) if not 0 <= j < host.depth]
+        if bad:
+            raise AdapterError(f"ReinConfig.layers {bad} out of range: the host has {host.depth} blocks (0..{host.depth - 1})")
+        return indices
+
+
+def rein_init_bound(patch_size: int, embed_dim: int, rank: int | None) -> float:
+    """The uniform init bound of Rein's tokens (REFERENCE.md section 1).
+
+    Example:
+        >>> round(rein_init_bound(16, 1024, 16), 4)
+        0.0818
+    """
+    fan = embed_dim if rank is None else math.sqrt(embed_dim * rank)
+    return math.sqrt(6.0 / (3 * patch_size * patch_size + fan))
+
+
+class Rein(nn.Module):
+    """The Rein parameters of one model: per-layer tokens and the shared layers.
+
+    Args:
+        num_layers: Number of refined blocks ``L``.
+        embed_dim: Token width ``c``.
+        config: The options (see :class:`ReinConfig`).
+        patch_size: Patch size used by the init bound.
+
+    Example:
+        >>> rein = Rein(num_layers=24, embed_dim=1024, config=ReinConfig(), patch_size=16,
+        ...             device="meta")
+        >>> sum(p.numel() for p in rein.parameters())
+        2990081
+    """
+
+    def __init__(
+        self,
+        num_layers: int,
+        embed_dim: int,
+        config: ReinConfig,
+        patch_size: int,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        self.num_layers, self.embed_dim, self.config = num_layers, embed_dim, config
+        m, r, c = config.token_length, config.rank, embed_dim
+        if r is None:
+            self.tokens = nn.Parameter(torch.empty(num_layers, m, c, device=device))
+        else:
+            self.tokens_a = nn.Parameter(torch.empty(num_layers, m, r, device=device))
+            self.tokens_b = nn.Parameter(torch.empty(num_layers, r, c, device=device))
+        self.token_to_feature = nn.Linear(c, c, device=device)
+        self.delta_feature = nn.Linear(c, c, device=device)
+        if config.zero_init_delta:
+            self.register_buffer("scale", torch.ones((), device=device))
+        else:
+            self.scale = nn.Parameter(torch.full((), float(config.scale_init), device=device))
+        if config.link_queries:
+            q = config.query_dim
+            self.transform = nn.Linear(c, q, device=device)
+            self.merge = nn.Linear(3 * q, q, device=device)
+        self._init_tokens(patch_size)
+
+    def _init_tokens(self, patch_size: int) -> None:
+        bound = rein_init_bound(patch_size, self.embed_dim, self.config.rank)
+        for tensor in (self.tokens,) if self.config.rank is None else (self.tokens_a, self.tokens_b):
+            nn.init.uniform_(tensor, -bound, bound)
+        if self.config.zero_init_delta:
+            nn.init.zeros_(self.delta_feature.weight)
+            nn.init.zeros_(self.delta_feature.bias)
+
+    def all_tokens(self) -> Tensor:
+        """The tokens of every layer, (L, m, c)."""
+        return self.tokens if self.config.rank is None else self.tokens_a @ self.tokens_b
+
+    def layer_tokens(self, layer: int) -> Tensor:
+        """The tokens ``T_layer`` (m, c) of one refined layer (0-based among refined layers)."""
+        if self.config.rank is None:
+            return self.tokens[layer]
+        return self.tokens_a[layer] @ self.tokens_b[layer]
+
+    def refine(self, patches: Tensor, layer: int) -> Tensor:
+        """Applies layer ``layer``'s update to patch tokens (..., n, c) without prefix tokens."""
+        dtype = patches.dtype
+        return rein_update(
+            patches,
+            self.layer_tokens(layer).to(dtype),
+            self.token_to_feature.weight.to(dtype),
+            self.token_to_feature.bias.to(dtype),
+            self.delta_feature.weight.to(dtype),
+            self.delta_feature.bias.to(dtype),
+            self.scale.to(dtype),
+            kernel=self.config.kernel,
+        )
+
+    def forward(self, hidden: Tensor, layer: int, num_prefix_tokens: int = 0) -> Tensor:
+        """Refines a block's output: (B, N, C) with prefix tokens first, or (B, H, W, C).
+
+        Example:
+            >>> rein = Rein(2, 8, ReinConfig(token_length=4, rank=2), patch_size=4)
+            >>> rein(torch.randn(3, 1 + 9, 8), layer=0, num_prefix_tokens=1).shape
+            torch.Size([3, 10, 8])
+        """
+        if hidden.shape[-1] != self.embed_dim:
+            raise RuntimeError(f"Rein expected features of width {self.embed_dim}, got shape {tuple(hidden.shape)}")
+        if hidden.ndim == 4:
+            batch, height, width, channels = hidden.shape
+            return self.refine(hidden.reshape(batch, height * width, channels), layer).reshape(hidden.shape)
+        if hidden.ndim != 3:
+            raise RuntimeError(f"Rein expected (B, N, C) or (B, H, W, C) features, got shape {tuple(hidden.shape)}")
+        if num_prefix_tokens == 0:
+            return self.refine(hidden, layer)
+        prefix, patches = hidden[:, :num_prefix_tokens], hidden[:, num_prefix_tokens:]
+        return torch.cat([prefix, self.refine(patches, layer)], dim=1)
+
+    def queries(self) -> Tensor:
+        """Object queries (m, query_dim) for a Mask2Former head, linked to the tokens.
+
+        For every token: ``merge([max_l, mean_l, last_l] of transform(T_l))``.
+
+        Example:
+            >>> rein = Rein(3, 8, ReinConfig(token_length=5, rank=2, query_dim=6), patch_size=4)
+            >>> rein.queries().shape
+            torch.Size([5, 6])
+        """
+        if not self.config.link_queries:
+            raise AdapterError("this Rein was created with link_queries=False and makes no queries")
+        per_layer = self.transform(self.all_tokens())  # (L, m, q)
+        stacked = torch.cat([per_layer.max(dim=0).values, per_layer.mean(dim=0), per_layer[-1]], dim=-1)
+        return self.merge(stacked)
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return f"layers={self.num_layers}, width={self.embed_dim}, tokens={c.token_length}, rank={c.rank}"
+
+
+def _block_hook(rein: Rein, layer: int, num_prefix_tokens: int):
+    def hook(module: nn.Module, args: tuple, output):
+        # transformers layers return a tensor or a tuple whose first item is the hidden state.
+        if isinstance(output, tuple):
+            return (rein(output[0], layer, num_prefix_tokens), *output[1:])
+        return rein(output, layer, num_prefix_tokens)
+
+    return hook
+
+
+class ReinMethod(AdapterMethod):
+    name = "rein"
+    config_class = ReinConfig
+
+    def check(self, model: nn.Module, host: HostSpec, config: ReinConfig) -> None:
+        config.block_indices(host)
+
+    def attach(self, model: nn.Module, host: HostSpec, config: ReinConfig, attachment: Attachment) -> None:
+        indices = config.block_indices(host)
+        reference = next(model.parameters())
+        rein = Rein(
+            num_layers=len(indices),
+            embed_dim=host.embed_dim,
+            config=config,
+            patch_size=config.patch_size or host.patch_size,
+            device=reference.device,
+        )
+        attachment.module = rein
+        attachment.extra["blocks"] = indices
+        prefix = 0 if host.layout == "BHWC" else host.num_prefix_tokens
+        blocks = host.blocks(model)
+        for layer, index in enumerate(indices):
+            attachment.handles.append(blocks[index].register_forward_hook(_block_hook(rein, layer, prefix)))
+
+
+register_method(ReinMethod())
+
+
+def rein_queries(model: nn.Module) -> Tensor:
+    """The (m, 256) object queries of the Rein injected into ``model``, for a decode head.
+
+    Example:
+        >>> import timm, vfm_adapters as va
+        >>> vit = timm.create_model("vit_small_patch14_dinov2", depth=2, embed_dim=64,
+        ...                         num_heads=2, img_size=56)
+        >>> va.rein_queries(va.inject_rein(vit)).shape
+        torch.Size([100, 256])
+    """
+    container = getattr(model, "vfm_adapters", None)
+    if container is None or "rein" not in container:
+        raise AdapterError("this model has no Rein injected; call vfm_adapters.inject_rein(model) first")
+    return container["rein"].queries()
