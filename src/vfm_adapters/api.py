@@ -55,7 +55,7 @@ def inject_rein(
         ...                         num_heads=2, img_size=56)
         >>> vit = va.inject_rein(vit)
         >>> vit(torch.randn(1, 3, 56, 56)).shape
-        torch.Size([1, 384])
+        torch.Size([1, 64])
         >>> # the paper's count on a ViT-L, instantly on the meta device
         >>> with torch.device("meta"):
         ...     big = timm.create_model("vit_large_patch14_dinov2")

@@ -36,7 +36,7 @@ def parameter_report(model: nn.Module) -> str:
         >>> vit = va.inject_rein(timm.create_model("vit_small_patch14_dinov2", depth=2,
         ...                      embed_dim=64, num_heads=2, img_size=56))
         >>> print(va.parameter_report(vit).splitlines()[0])
-        part                           trainable          total
+        part                            trainable          total
     """
     state = injection_state(model)
     rows: list[tuple[str, int, int]] = []

@@ -76,7 +76,8 @@ def rein_update(
         >>> torch.allclose(a, rein_update_reference(f, t, w, None, w, None, torch.tensor(0.1)))
         True
     """
-    if resolve_kernel(kernel, feats) == "triton":
+    # The fused kernels take one token set (m, c); per-image tokens (B, m, c) use PyTorch.
+    if tokens.ndim == 2 and resolve_kernel(kernel, feats) == "triton":
         from .triton_rein import rein_update_triton
 
         return rein_update_triton(

@@ -29,7 +29,8 @@ def rein_update_reference(
 
     Args:
         feats: Patch tokens, shape (..., n, c).
-        tokens: The layer's learnable tokens ``T = A B``, shape (m, c).
+        tokens: The layer's learnable tokens ``T = A B``, shape (m, c), or (B, m, c) with
+            one token set per image (domain-conditioned tokens), B matching ``feats``.
         token_to_feature_weight: ``W_t``, shape (c, c); ``token_to_feature_bias``: ``b_t``.
         delta_weight: ``W_f``, shape (c, c); ``delta_bias``: ``b_f``.
         scale: The learnable scalar ``s``.
@@ -46,8 +47,10 @@ def rein_update_reference(
         True
     """
     channels = feats.shape[-1]
-    similarity = torch.softmax(feats @ tokens.transpose(0, 1) * channels**-0.5, dim=-1)
-    values = F.linear(tokens[1:], token_to_feature_weight, token_to_feature_bias)
+    if tokens.ndim == 3 and feats.ndim > 3:  # per-image tokens with extra leading dims
+        tokens = tokens.reshape(tokens.shape[0], *([1] * (feats.ndim - 3)), *tokens.shape[1:])
+    similarity = torch.softmax(feats @ tokens.transpose(-1, -2) * channels**-0.5, dim=-1)
+    values = F.linear(tokens[..., 1:, :], token_to_feature_weight, token_to_feature_bias)
     attended = similarity[..., 1:] @ values
     delta = F.linear(attended + feats, delta_weight, delta_bias)
     return feats + scale * delta

@@ -149,6 +149,14 @@ class Rein(nn.Module):
             self.transform = nn.Linear(c, q, device=device)
             self.merge = nn.Linear(3 * q, q, device=device)
         self._init_tokens(patch_size)
+        # An optional callable (layer -> (B, 1 or m, c) offset) that shifts the tokens per
+        # image, e.g. by a projection of a domain embedding. Kept out of the module tree
+        # so the method that sets it owns (and saves) its parameters.
+        self._token_shift = None
+
+    def set_token_shift(self, shift) -> None:
+        """Installs (or, with ``None``, removes) a per-image token offset ``shift(layer)``."""
+        self._token_shift = shift
 
     def _init_tokens(self, patch_size: int) -> None:
         bound = rein_init_bound(patch_size, self.embed_dim, self.config.rank)
@@ -171,9 +179,12 @@ class Rein(nn.Module):
     def refine(self, patches: Tensor, layer: int) -> Tensor:
         """Applies layer ``layer``'s update to patch tokens (..., n, c) without prefix tokens."""
         dtype = patches.dtype
+        tokens = self.layer_tokens(layer)
+        if self._token_shift is not None:
+            tokens = tokens + self._token_shift(layer)
         return rein_update(
             patches,
-            self.layer_tokens(layer).to(dtype),
+            tokens.to(dtype),
             self.token_to_feature.weight.to(dtype),
             self.token_to_feature.bias.to(dtype),
             self.delta_feature.weight.to(dtype),
