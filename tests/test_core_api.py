@@ -302,3 +302,19 @@ def test_parameter_report_lists_adapter_and_host(tiny_vit):
     rein_count = va.trainable_parameters(tiny_vit)
     assert f"{rein_count:,}" in report and "host VisionTransformer" in report
     assert "rein (adapter)" in report
+
+
+def test_a_deep_copy_carries_its_own_independent_adapters(tiny_vit):
+    """An EMA teacher made with deepcopy must not share (or call) the student's adapters."""
+    va.inject_rein(tiny_vit, token_length=6, rank=3)
+    teacher = copy.deepcopy(tiny_vit)
+    images = torch.randn(1, 3, 56, 56)
+    with torch.no_grad():
+        teacher_before = teacher.forward_features(images)
+        tiny_vit.vfm_adapters.rein.scale.fill_(5.0)  # change the student only
+        assert torch.equal(teacher.forward_features(images), teacher_before)
+        assert not torch.equal(tiny_vit.forward_features(images), teacher_before)
+    va.remove_adapters(teacher)
+    assert va.injected_methods(tiny_vit) == ["rein"] and va.injected_methods(teacher) == []
+    assert any(len(block._forward_hooks) for block in tiny_vit.blocks)
+    assert not any(len(block._forward_hooks) for block in teacher.blocks)

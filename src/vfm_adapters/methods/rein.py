@@ -234,14 +234,25 @@ class Rein(nn.Module):
         return f"layers={self.num_layers}, width={self.embed_dim}, tokens={c.token_length}, rank={c.rank}"
 
 
-def _block_hook(rein: Rein, layer: int, num_prefix_tokens: int):
-    def hook(module: nn.Module, args: tuple, output):
+class _ReinBlockHook:
+    """The forward hook on one block.
+
+    An object rather than a closure: ``copy.deepcopy(model)`` copies functions by
+    reference, so a closure would make a copied model (an EMA teacher, say) call the
+    original model's Rein. Deep-copying this object maps ``rein`` to the copy's Rein.
+    """
+
+    def __init__(self, rein: Rein, layer: int, num_prefix_tokens: int) -> None:
+        self.rein, self.layer, self.num_prefix_tokens = rein, layer, num_prefix_tokens
+
+    def __call__(self, module: nn.Module, args: tuple, output):
         # transformers layers return a tensor or a tuple whose first item is the hidden state.
         if isinstance(output, tuple):
-            return (rein(output[0], layer, num_prefix_tokens), *output[1:])
-        return rein(output, layer, num_prefix_tokens)
+            return (self.rein(output[0], self.layer, self.num_prefix_tokens), *output[1:])
+        return self.rein(output, self.layer, self.num_prefix_tokens)
 
-    return hook
+
+_block_hook = _ReinBlockHook
 
 
 class ReinMethod(AdapterMethod):
