@@ -96,8 +96,10 @@ def save_adapters(model: nn.Module, directory: str | os.PathLike) -> Path:
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
         "library_version": __version__,
-        "host": state.host.to_json(),
+        "host": state.host.to_json() if state.host is not None else None,
         "methods": {name: cfg.to_dict() for name, cfg in state.configs.items()},
+        # JSON keys are written sorted; loading injects in this order (domain_rein needs rein first).
+        "method_order": list(state.configs),
     }
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -140,7 +142,9 @@ def _read_tensors(directory: Path) -> dict[str, torch.Tensor]:
         raise AdapterError(f"could not read {path}: {error}. The file is truncated or corrupted; save the adapters again") from error
 
 
-def _check_host(saved: dict[str, Any], model: nn.Module) -> None:
+def _check_host(saved: dict[str, Any] | None, model: nn.Module) -> None:
+    if not saved:  # saved by host-less methods only (Domino on a decode head): nothing to check
+        return
     host = describe_host(model).to_json()
     for key in ("embed_dim", "depth"):
         if key in saved and saved[key] != host[key]:
@@ -173,7 +177,9 @@ def load_adapters(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     state = injection_state(model)
     injected_here: list[str] = []
     try:
-        for name, values in config["methods"].items():
+        order = [n for n in config.get("method_order", []) if n in config["methods"]]
+        for name in order + [n for n in config["methods"] if n not in order]:
+            values = config["methods"][name]
             method = get_method(name)
             saved_config = method.config_class.from_dict(values)
             if state is not None and name in state.configs:

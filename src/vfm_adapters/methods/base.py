@@ -84,7 +84,7 @@ class Attachment:
 
 @dataclass
 class InjectionState:
-    host: HostSpec
+    host: HostSpec | None  # None while only host-less methods (e.g. Domino) are injected
     configs: dict[str, MethodConfig] = field(default_factory=dict)
     attachments: dict[str, Attachment] = field(default_factory=dict)
     original_requires_grad: dict[str, bool] = field(default_factory=dict)
@@ -95,6 +95,9 @@ class AdapterMethod:
 
     name: ClassVar[str]
     config_class: ClassVar[type[MethodConfig]]
+    # False for methods that attach to any module, not only a ViT (Domino replaces the
+    # norms of a decode head): inject() then skips describe_host and passes host=None.
+    needs_host: ClassVar[bool] = True
 
     def check(self, model: nn.Module, host: HostSpec, config: MethodConfig) -> None:
         """Raises if the method cannot attach to this host; must not change anything."""
@@ -199,7 +202,7 @@ def inject(model: nn.Module, method_name: str, config: MethodConfig, freeze_host
     method = get_method(method_name)
     if not isinstance(config, method.config_class):
         raise AdapterError(f"{method_name} expects a {method.config_class.__name__}, got {type(config).__name__}")
-    host = describe_host(model)
+    host = describe_host(model) if method.needs_host else None
     state = injection_state(model)
     if state is not None and method_name in state.configs:
         raise AdapterError(
@@ -230,6 +233,8 @@ def inject(model: nn.Module, method_name: str, config: MethodConfig, freeze_host
         raise
     state.configs[method_name] = config
     state.attachments[method_name] = attachment
+    if state.host is None:
+        state.host = host
     if new_state:
         object.__setattr__(model, STATE_ATTRIBUTE, state)
     if freeze_host:
