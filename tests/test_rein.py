@@ -164,3 +164,20 @@ def test_kernel_triton_without_a_gpu_or_interpreter_is_a_clear_error(monkeypatch
     with pytest.raises(RuntimeError, match="kernel='triton' cannot run"):
         va.inject_rein(tiny_vit, kernel="triton")
     assert not hasattr(tiny_vit, "vfm_adapters")
+
+
+def test_kernel_triton_refuses_shapes_it_cannot_take_at_injection(monkeypatch, tiny_vit):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    with pytest.raises(va.AdapterError, match="at most 128 tokens"):
+        va.inject_rein(tiny_vit, kernel="triton", token_length=129)
+    assert not hasattr(tiny_vit, "vfm_adapters")
+
+
+def test_auto_falls_back_to_torch_for_shapes_triton_cannot_take():
+    from vfm_adapters.kernels import resolve_kernel, triton_takes
+
+    feats, tokens = torch.zeros(2, 5, 24), torch.zeros(3, 24)
+    assert not triton_takes(feats, tokens)  # 24 is not a multiple of 16
+    assert triton_takes(torch.zeros(2, 5, 32), torch.zeros(3, 32))
+    assert not triton_takes(torch.zeros(2, 5, 32), torch.zeros(2, 3, 32))  # per-image tokens
+    assert resolve_kernel("auto", feats, tokens) == "torch"

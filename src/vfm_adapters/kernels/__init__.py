@@ -51,9 +51,24 @@ def check_kernel(kernel: str) -> str:
     return kernel
 
 
-def resolve_kernel(kernel: str, feats: Tensor) -> str:
+def triton_takes(feats: Tensor, tokens: Tensor) -> bool:
+    """Whether the fused kernels accept these shapes and dtypes (c % 16 == 0, m <= 128, one token set)."""
+    from .triton_rein import CHANNEL_MULTIPLE, MAX_TOKENS, SUPPORTED_DTYPES
+
+    return (
+        feats.shape[-1] % CHANNEL_MULTIPLE == 0
+        and feats.dtype in SUPPORTED_DTYPES
+        and tokens.ndim == 2
+        and 1 <= tokens.shape[0] <= MAX_TOKENS
+    )
+
+
+def resolve_kernel(kernel: str, feats: Tensor, tokens: Tensor | None = None) -> str:
+    """The implementation that runs: ``"auto"`` takes Triton only on CUDA and for shapes it accepts."""
     if kernel == "auto":
-        return "triton" if feats.is_cuda and triton_can_run()[0] else "torch"
+        if not (feats.is_cuda and triton_can_run()[0]):
+            return "torch"
+        return "triton" if tokens is None or triton_takes(feats, tokens) else "torch"
     return kernel
 
 
@@ -77,7 +92,7 @@ def rein_update(
         True
     """
     # The fused kernels take one token set (m, c); per-image tokens (B, m, c) use PyTorch.
-    if tokens.ndim == 2 and resolve_kernel(kernel, feats) == "triton":
+    if tokens.ndim == 2 and resolve_kernel(kernel, feats, tokens) == "triton":
         from .triton_rein import rein_update_triton
 
         return rein_update_triton(
@@ -88,4 +103,4 @@ def rein_update(
     )
 
 
-__all__ = ["KERNELS", "check_kernel", "rein_update", "rein_update_reference", "resolve_kernel", "triton_can_run"]
+__all__ = ["KERNELS", "check_kernel", "rein_update", "rein_update_reference", "resolve_kernel", "triton_can_run", "triton_takes"]

@@ -261,6 +261,15 @@ class ReinMethod(AdapterMethod):
 
     def check(self, model: nn.Module, host: HostSpec, config: ReinConfig) -> None:
         config.block_indices(host)
+        if config.kernel == "triton":
+            from ..kernels.triton_rein import CHANNEL_MULTIPLE, MAX_TOKENS
+
+            if host.embed_dim % CHANNEL_MULTIPLE or config.token_length > MAX_TOKENS:
+                raise AdapterError(
+                    f"kernel='triton' needs a width that is a multiple of {CHANNEL_MULTIPLE} and at most "
+                    f"{MAX_TOKENS} tokens; this host has width {host.embed_dim} and token_length={config.token_length}. "
+                    "Use kernel='auto' (falls back to PyTorch) or kernel='torch'"
+                )
 
     def attach(self, model: nn.Module, host: HostSpec, config: ReinConfig, attachment: Attachment) -> None:
         indices = config.block_indices(host)

@@ -1,0 +1,333 @@
+"""The fused Triton Rein layer held to the PyTorch reference, on CPU through Triton's interpreter.
+
+CPU tensors always run the kernels through ``triton.runtime.interpreter`` (see
+``vfm_adapters.kernels._triton_kernels``), whatever order the test modules import triton
+in; TRITON_INTERPRET=1 is still set here, before anything imports triton from this module,
+so that ``rein_update(kernel="triton")``'s availability check agrees, and
+``test_cpu_launches_go_through_the_interpreter`` checks that the interpreter really runs.
+
+Tolerances (max |error| over a tensor, relative to the max |value| of the exact result):
+- fp32: 1e-5 against the fp32 reference (both accumulate in fp32; only the order of the
+  sums differs, and the restructured GEMM P (V W_f^T) + f W_f^T versus (P V + f) W_f^T).
+- bf16: 2e-2 and fp16: 2.5e-3 against the float64 reference on the same (already rounded)
+  inputs. The kernels round U, P and dZ to the input dtype before the tensor-core dots,
+  as the bf16/fp16 reference does with its intermediates; measured errors were up to about
+  1.1e-2 (bf16) and 6.5e-4 (fp16), the reference's own errors up to 2.9e-2 and 4.8e-3.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import dataclasses  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from concurrent.futures import ProcessPoolExecutor  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from hypothesis import HealthCheck, example, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from vfm_adapters.kernels import rein_update  # noqa: E402
+from vfm_adapters.kernels import _triton_kernels as kernels  # noqa: E402
+from vfm_adapters.kernels.reference import rein_update_reference  # noqa: E402
+from vfm_adapters.kernels.triton_rein import rein_update_triton  # noqa: E402
+
+RELATIVE_TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2.5e-3}
+INPUT_NAMES = ("feats", "tokens", "W_t", "b_t", "W_f", "b_f", "scale")
+
+
+@dataclasses.dataclass(frozen=True)
+class Problem:
+    lead: tuple[int, ...]
+    n: int
+    channels: int
+    n_tokens: int
+    token_bias: bool
+    delta_bias: bool
+    scale: float
+    token_magnitude: float
+    seed: int
+
+    def inputs(self) -> tuple[list[torch.Tensor | None], torch.Tensor]:
+        """fp32 inputs (f, T, W_t, b_t, W_f, b_f, s) and an upstream gradient."""
+        gen = torch.Generator().manual_seed(self.seed)
+        c = self.channels
+
+        def randn(*shape: int, magnitude: float = 1.0) -> torch.Tensor:
+            return torch.randn(*shape, generator=gen) * magnitude
+
+        values = [
+            randn(*self.lead, self.n, c),
+            randn(self.n_tokens, c, magnitude=self.token_magnitude),
+            randn(c, c, magnitude=c**-0.5),
+            randn(c) if self.token_bias else None,
+            randn(c, c, magnitude=c**-0.5),
+            randn(c) if self.delta_bias else None,
+            torch.tensor(self.scale),
+        ]
+        return values, randn(*self.lead, self.n, c)
+
+
+def forward_and_grads(fn, values, grad_out, dtypes) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
+    """Output and gradients of every (non-None) input, inputs cast to ``dtypes``."""
+    leaves = [None if v is None else v.to(dt).requires_grad_() for v, dt in zip(values, dtypes)]
+    out = fn(*leaves)
+    present = [leaf for leaf in leaves if leaf is not None]
+    grads = iter(torch.autograd.grad(out, present, grad_out.to(out.dtype)))
+    return out, [None if leaf is None else next(grads) for leaf in leaves]
+
+
+def max_relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    scale = expected.abs().max().item()
+    error = (actual.double() - expected.double()).abs().max().item()
+    return error / scale if scale > 0 else error
+
+
+def assert_matches(actual: torch.Tensor, expected: torch.Tensor, tolerance: float, what: str) -> None:
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    assert torch.isfinite(actual).all(), f"{what}: non-finite values"
+    error = max_relative_error(actual, expected)
+    assert error <= tolerance, f"{what}: max error {error:.3g} relative to max |value| > {tolerance:g}"
+
+
+def check_against_reference(problem: Problem, dtype: torch.dtype, parameter_dtype: torch.dtype | None = None) -> None:
+    """Forward and every gradient of the Triton op against the reference.
+
+    fp32 is compared with the fp32 reference; bf16/fp16 with the float64 reference on the
+    same rounded inputs.
+    """
+    parameter_dtype = parameter_dtype or dtype
+    values, grad_out = problem.inputs()
+    dtypes = [dtype] + [parameter_dtype] * 6
+    rounded = [None if v is None else v.to(dt) for v, dt in zip(values, dtypes)]
+    out, grads = forward_and_grads(rein_update_triton, rounded, grad_out.to(dtype), dtypes)
+    exact_dtype = torch.float32 if dtype == torch.float32 else torch.float64
+    expected_out, expected_grads = forward_and_grads(
+        rein_update_reference, rounded, grad_out.to(dtype), [exact_dtype] * 7
+    )
+    tolerance = RELATIVE_TOLERANCE[dtype]
+    assert out.dtype == dtype
+    assert_matches(out, expected_out, tolerance, f"{problem} output")
+    for name, grad, expected, value in zip(INPUT_NAMES, grads, expected_grads, rounded):
+        if value is None:
+            assert grad is None
+            continue
+        assert grad.dtype == value.dtype, f"grad of {name} is {grad.dtype}, its input {value.dtype}"
+        assert_matches(grad, expected, tolerance, f"{problem} grad of {name}")
+
+
+@st.composite
+def problems(draw) -> Problem:
+    return Problem(
+        lead=draw(st.sampled_from([(), (2,), (2, 1)])),
+        n=draw(st.integers(1, 80)),
+        channels=draw(st.sampled_from([16, 32, 48, 64])),
+        n_tokens=draw(st.sampled_from([1, 2, 17, 100])),
+        token_bias=draw(st.booleans()),
+        delta_bias=draw(st.booleans()),
+        scale=draw(st.floats(-1.5, 1.5, allow_nan=False)),
+        token_magnitude=draw(st.sampled_from([0.5, 4.0])),  # 4.0: peaked softmax, large logits
+        seed=draw(st.integers(0, 2**16)),
+    )
+
+
+FAST = settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True)
+
+
+@FAST
+@given(problem=problems())
+@example(problem=Problem((2,), 37, 48, 100, False, False, 0.7, 4.0, 1))  # m = 100, no biases
+@example(problem=Problem((2, 1), 21, 32, 1, True, True, -0.3, 1.0, 2))  # m = 1: no value tokens
+def test_fp32_forward_and_all_gradients_match_reference(problem: Problem) -> None:
+    check_against_reference(problem, torch.float32)
+
+
+@settings(max_examples=4, deadline=None, derandomize=True)
+@given(problem=problems(), dtype=st.sampled_from([torch.bfloat16, torch.float16]))
+@example(problem=Problem((2,), 45, 64, 100, True, True, 0.8, 4.0, 3), dtype=torch.bfloat16)
+@example(problem=Problem((), 29, 48, 100, True, False, 0.8, 1.0, 4), dtype=torch.float16)
+def test_half_precision_matches_float64_reference(problem: Problem, dtype: torch.dtype) -> None:
+    check_against_reference(problem, dtype)
+
+
+def test_mixed_dtypes_compute_in_feats_dtype_and_return_each_grad_in_its_own_dtype() -> None:
+    # fp32 parameters with bf16 activations, as under autocast; both combinations of biases.
+    for biases in (True, False):
+        problem = Problem((2,), 33, 32, 100, biases, biases, 0.6, 1.0, 5)
+        check_against_reference(problem, torch.bfloat16, parameter_dtype=torch.float32)
+    values, _ = Problem((2,), 33, 32, 5, True, True, 0.6, 1.0, 5).inputs()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = rein_update_triton(values[0].bfloat16(), *values[1:])
+    assert out.dtype == torch.bfloat16
+
+
+def test_only_feats_needing_grad_skips_parameter_reductions_and_stays_correct() -> None:
+    values, grad_out = Problem((), 50, 32, 100, True, True, 0.9, 1.0, 6).inputs()
+    feats = values[0].clone().requires_grad_()
+    (grad,) = torch.autograd.grad(rein_update_triton(feats, *values[1:]), feats, grad_out)
+    expected_feats = values[0].clone().requires_grad_()
+    (expected,) = torch.autograd.grad(rein_update_reference(expected_feats, *values[1:]), expected_feats, grad_out)
+    assert_matches(grad, expected, RELATIVE_TOLERANCE[torch.float32], "feats-only grad")
+
+
+def _gpu_configs(dtype: torch.dtype) -> dict[str, kernels.KernelConfig]:
+    return kernels.GPU_CONFIGS["32bit" if dtype == torch.float32 else "16bit"]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_shipped_gpu_tile_sizes_under_the_interpreter(monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype) -> None:
+    """The GPU tiles (BLOCK_N 32-64, BLOCK_C 64-128, reduce 64-128) on ragged shapes: c=144
+    is not a multiple of those tiles and 2 x 70 rows are split in two for the reduction."""
+    monkeypatch.setattr(kernels, "pick_configs", lambda dt, interpreted: _gpu_configs(dt))
+    check_against_reference(Problem((2,), 70, 144, 100, True, True, 0.7, 1.0, 7), dtype)
+
+
+def test_cpu_launches_go_through_the_interpreter(monkeypatch: pytest.MonkeyPatch) -> None:
+    from triton.runtime.interpreter import InterpretedFunction
+
+    launched = []
+    original = InterpretedFunction.run
+
+    def spy(self, *args, **kwargs):
+        launched.append(self.fn.__name__)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(InterpretedFunction, "run", spy)
+    values, grad_out = Problem((), 20, 16, 3, True, True, 0.5, 1.0, 8).inputs()
+    rein_update_triton(*[v.requires_grad_() for v in values]).backward(grad_out)
+    assert launched == ["_rein_forward_kernel", "_rein_backward_rows_kernel", "_rein_backward_reduce_kernel"]
+
+
+def test_dispatch_through_rein_update_kernel_triton() -> None:
+    values, _ = Problem((3,), 10, 32, 4, True, False, 0.5, 1.0, 9).inputs()
+    out = rein_update(*values, kernel="triton")
+    assert_matches(out, rein_update_reference(*values), RELATIVE_TOLERANCE[torch.float32], "dispatch")
+
+
+def test_triton_import_order_does_not_matter() -> None:
+    """A fresh process that imports triton without TRITON_INTERPRET, and only then runs on CPU."""
+    code = (
+        "import os; os.environ.pop('TRITON_INTERPRET', None)\n"
+        "import triton, torch\n"
+        "from vfm_adapters.kernels.triton_rein import rein_update_triton\n"
+        "from vfm_adapters.kernels.reference import rein_update_reference\n"
+        "f, t, w = torch.randn(2, 9, 16), torch.randn(5, 16), torch.randn(16, 16) / 4\n"
+        "a = rein_update_triton(f, t, w, None, w, None, torch.tensor(0.5))\n"
+        "b = rein_update_reference(f, t, w, None, w, None, torch.tensor(0.5))\n"
+        "assert (a - b).abs().max() < 1e-5, (a - b).abs().max()\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    package_root = str(Path(kernels.__file__).resolve().parents[2])  # .../src
+    env["PYTHONPATH"] = os.pathsep.join([package_root, *filter(None, [env.get("PYTHONPATH")])])
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (lambda v: v.__setitem__(0, torch.randn(4, 24)), "multiple of 16"),
+        (lambda v: v.__setitem__(1, torch.randn(0, 32)), "1 <= m <= 128"),
+        (lambda v: v.__setitem__(1, torch.randn(129, 32)), "1 <= m <= 128"),
+        (lambda v: v.__setitem__(4, torch.randn(32, 16)), "delta_weight"),
+        (lambda v: v.__setitem__(3, torch.randn(31)), "token_to_feature_bias"),
+        (lambda v: v.__setitem__(0, torch.zeros(4, 32, dtype=torch.int32)), "float32, float16 or bfloat16"),
+        (lambda v: v.__setitem__(6, torch.ones(2)), "scale"),
+    ],
+)
+def test_invalid_inputs_raise_clear_value_errors(mutate, message: str) -> None:
+    values, _ = Problem((), 4, 32, 3, True, True, 0.5, 1.0, 10).inputs()
+    mutate(values)
+    with pytest.raises(ValueError, match=message):
+        rein_update_triton(*values)
+
+
+def test_opcheck_schema_fake_autograd_registration() -> None:
+    values, grad_out = Problem((2,), 9, 16, 3, True, True, 0.5, 1.0, 11).inputs()
+    args = [v.requires_grad_() for v in values]
+    torch.library.opcheck(torch.ops.vfm_adapters.rein_update.default, tuple(args))
+    no_bias = [v if i not in (3, 5) else None for i, v in enumerate(args)]
+    torch.library.opcheck(torch.ops.vfm_adapters.rein_update.default, tuple(no_bias))
+    backward_args = (grad_out, *[v.detach() for v in values], True)
+    torch.library.opcheck(
+        torch.ops.vfm_adapters.rein_update_backward.default, backward_args, test_utils=("test_schema", "test_faketensor")
+    )
+
+
+def test_fake_tensor_mode_shapes_and_dtypes() -> None:
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        feats = torch.empty(2, 4096, 1024, dtype=torch.bfloat16)
+        params = [torch.empty(100, 1024), torch.empty(1024, 1024), None, torch.empty(1024, 1024), torch.empty(1024), torch.empty(())]
+        out = torch.ops.vfm_adapters.rein_update(feats, *params)
+        grads = torch.ops.vfm_adapters.rein_update_backward(out, feats, *params, True)
+    assert out.shape == feats.shape and out.dtype == torch.bfloat16
+    assert [tuple(g.shape) for g in grads] == [(2, 4096, 1024), (100, 1024), (1024, 1024), (1024,), (1024, 1024), (1024,), ()]
+    assert grads[0].dtype == torch.bfloat16 and all(g.dtype == torch.float32 for g in grads[1:])
+
+
+def test_torch_compile_fullgraph_forward_and_backward() -> None:
+    """Dynamo must capture the op in one graph (fullgraph) and AOTAutograd trace its
+    backward through the fake implementations. ``aot_eager`` runs that whole pipeline
+    without inductor's C++ code generation, which would only add minutes of CPU compile."""
+    torch._dynamo.reset()
+    values, grad_out = Problem((2,), 19, 32, 7, True, True, 0.5, 1.0, 12).inputs()
+
+    def layer_loss(*inputs):
+        return (rein_update_triton(*inputs) * grad_out).sum()
+
+    compiled = torch.compile(layer_loss, fullgraph=True, backend="aot_eager")
+    leaves = [v.clone().requires_grad_() for v in values]
+    compiled(*leaves).backward()
+    expected = [v.clone().requires_grad_() for v in values]
+    (rein_update_reference(*expected) * grad_out).sum().backward()
+    for name, leaf, ref in zip(INPUT_NAMES, leaves, expected):
+        assert_matches(leaf.grad, ref.grad, RELATIVE_TOLERANCE[torch.float32], f"compiled grad of {name}")
+
+
+# --- sm_90 code generation -------------------------------------------------------------
+
+SM90_CASES = [
+    (kernel, dtype, m_pad)
+    for dtype in ("bf16", "fp32")
+    for kernel in ("forward", "backward_rows", "backward_reduce")
+    for m_pad in ((16, 32, 64, 128) if kernel != "backward_reduce" else (16, 128))
+]
+
+
+def test_shipped_configs_compile_for_sm90_without_spills(monkeypatch: pytest.MonkeyPatch) -> None:
+    """triton.compile for GPUTarget("cuda", 90, 32) needs no GPU: ptxas runs on the host.
+
+    Compiled in worker processes started without TRITON_INTERPRET (the compiler cannot use
+    triton's standard library once it was built for the interpreter), two at a time. fp16
+    generates the same code as bf16 (checked once: identical registers and shared memory),
+    so it is left out to keep CI fast; the row kernels' register use depends on M_PAD, so
+    every padded token width is compiled.
+    """
+    import multiprocessing
+
+    from vfm_adapters.kernels._triton_compile import SM90_MAX_SHARED_PER_BLOCK, compile_shipped_config
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # inherited by the spawned workers
+    started = time.perf_counter()
+    with ProcessPoolExecutor(max_workers=2, mp_context=multiprocessing.get_context("spawn")) as pool:
+        reports = list(pool.map(compile_shipped_config, *zip(*SM90_CASES)))
+    for report in reports:
+        print(
+            f"{report['kernel']:16s} {report['dtype']} M_PAD={report['m_pad']:3d}: {report['registers']} registers, "
+            f"spills {report['spill_stores']}/{report['spill_loads']} B, stack {report['stack_frame']} B, "
+            f"shared {report['shared_bytes']} B"
+        )
+        what = f"{report['kernel']} {report['dtype']} M_PAD={report['m_pad']}"
+        assert report["spill_stores"] == 0 and report["spill_loads"] == 0, f"{what} spills registers: {report}"
+        assert report["local_bytes"] == 0 and report["stack_frame"] == 0, f"{what} uses local memory: {report}"
+        assert report["registers"] <= 255, what
+        assert 0 < report["shared_bytes"] <= SM90_MAX_SHARED_PER_BLOCK, f"{what} needs too much shared memory"
+    print(f"compiled {len(reports)} configurations in {time.perf_counter() - started:.1f} s")
