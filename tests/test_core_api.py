@@ -318,3 +318,12 @@ def test_a_deep_copy_carries_its_own_independent_adapters(tiny_vit):
     assert va.injected_methods(tiny_vit) == ["rein"] and va.injected_methods(teacher) == []
     assert any(len(block._forward_hooks) for block in tiny_vit.blocks)
     assert not any(len(block._forward_hooks) for block in teacher.blocks)
+
+
+def test_saved_files_get_ordinary_permissions(saved_rein):
+    import os
+
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in (CONFIG_NAME, WEIGHTS_NAME):
+        assert (saved_rein / name).stat().st_mode & 0o777 == 0o666 & ~umask

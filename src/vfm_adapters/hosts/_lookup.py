@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 from torch import nn
 
 
@@ -64,9 +66,10 @@ def transformers_spec(
 
 def is_instance_of(model: nn.Module, class_names: tuple[str, ...]) -> bool:
     """True if ``model`` is an instance of one of the named transformers classes."""
-    try:
-        import transformers
-    except ImportError:
+    # A transformers model can only exist once transformers is imported; checking
+    # sys.modules avoids a multi-second import when describing a timm model.
+    transformers = sys.modules.get("transformers")
+    if transformers is None:
         return False
     classes = tuple(getattr(transformers, name) for name in class_names if hasattr(transformers, name))
     return bool(classes) and isinstance(model, classes)
