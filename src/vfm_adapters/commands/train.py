@@ -1,0 +1,39 @@
+"""``vfm-adapters train CONFIG``: train adapters + a segmentation head from a YAML/JSON config.
+
+Works unchanged under ``accelerate launch`` (multi-GPU data parallel, bf16 on CUDA).
+See :mod:`vfm_adapters.seg.training` for the config reference and
+``examples/configs/`` for complete configs.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+NAME = "train"
+HELP = "train adapters + a segmentation head from a YAML/JSON config (accelerate launch-able, resumable)"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", help="YAML or JSON config (see examples/configs/)")
+    parser.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/checkpoint.pt if present")
+    parser.add_argument("--output-dir", default=None, help="override train.output_dir")
+    parser.add_argument("--iterations", type=int, default=None, help="override train.iterations")
+    parser.add_argument("--stop-after", type=int, default=None,
+                        help="stop (after checkpointing) once this many steps ran; continue later with --resume")
+    parser.add_argument("--no-eval", action="store_true", help="skip the evaluation at the end")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    from vfm_adapters.seg.training import load_config, train
+
+    config = load_config(args.config)
+    if args.output_dir is not None:
+        config["train"]["output_dir"] = args.output_dir
+    if args.iterations is not None:
+        config["train"]["iterations"] = args.iterations
+    outcome = train(config, resume=args.resume, stop_after=args.stop_after, progress=not args.no_progress,
+                    evaluate_at_end=not args.no_eval)
+    state = "finished" if outcome["finished"] else f"stopped at step {outcome['step']} (continue with --resume)"
+    print(f"{state}; outputs in {outcome['output_dir']}")
+    return 0

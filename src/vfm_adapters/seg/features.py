@@ -1,0 +1,193 @@
+"""Multi-layer feature maps from any supported host, with adapters active, and Rein's neck.
+
+:class:`BackboneFeatures` runs the host and returns the outputs of chosen blocks as
+``(B, C, H/p, W/p)`` maps. It captures them with forward hooks on the host's blocks
+that are registered *at the start of every call* and removed at its end. PyTorch runs
+a module's forward hooks in registration order, so these capture hooks always run
+after every adapter hook already on the block (Rein's refinement, VPT's prompt
+removal, ...): the features include the adapters' effect no matter whether the
+adapters were injected before or after the feature extractor was built.
+
+:class:`MultiScaleNeck` turns the single-stride maps into the strides 4/8/16/32 that
+an FPN-style head expects, as in Rein's mmseg setup: x4 (two 2x2 transposed
+convolutions with a norm and GELU between), x2 (one transposed convolution), x1
+(identity), x0.5 (2x2 max pooling).
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..hosts import HostSpec, describe_host
+
+#: Rein's blocks for a 24-block ViT-L.
+REIN_LAYERS_24 = (7, 11, 15, 23)
+
+
+def default_layers(depth: int) -> list[int]:
+    """The blocks to take features from: [7, 11, 15, 23] for 24 blocks, the same depth fractions otherwise.
+
+    Rein uses the outputs of blocks 8, 12, 16 and 24 of 24 (one third, half, two thirds
+    and the end of the network); other depths keep those fractions (12 blocks give the
+    ViT-B choice [3, 5, 7, 11]).
+
+    Example:
+        >>> default_layers(24), default_layers(12), default_layers(6)
+        ([7, 11, 15, 23], [3, 5, 7, 11], [1, 2, 3, 5])
+    """
+    if depth < 1:
+        raise ValueError(f"depth must be positive, got {depth}")
+    return [max(int(round(depth * (index + 1) / 24)) - 1, 0) for index in REIN_LAYERS_24]
+
+
+def _run_host(model: nn.Module, images: Tensor) -> None:
+    if hasattr(model, "forward_features"):  # timm
+        model.forward_features(images)
+        return
+    try:
+        from transformers import PreTrainedModel
+    except ImportError:  # pragma: no cover
+        PreTrainedModel = ()  # type: ignore[assignment]
+    if isinstance(model, PreTrainedModel):
+        kwargs = {}
+        if "interpolate_pos_encoding" in inspect.signature(model.forward).parameters:
+            kwargs["interpolate_pos_encoding"] = True
+        model(pixel_values=images, **kwargs)
+        return
+    model(images)
+
+
+class BackboneFeatures(nn.Module):
+    """Feature maps ``(B, C, H/p, W/p)`` of chosen blocks of a host ViT.
+
+    Prefix tokens (CLS, registers) are dropped; spatial (``BHWC``) hosts such as SAM
+    are permuted to channels-first. If a block emits more tokens than the patch grid
+    (prompt tokens of a method that keeps them), the last ``H/p * W/p`` tokens are the
+    patches.
+
+    Args:
+        model: A supported host (timm/transformers ViT, EVA, SAM ...), adapters or not.
+        layers: Block indices (negative counts from the end); default
+            :func:`default_layers`.
+
+    Example:
+        >>> import timm, torch, vfm_adapters as va
+        >>> vit = timm.create_model("vit_small_patch14_dinov2", depth=4, embed_dim=64,
+        ...                         num_heads=2, img_size=56)
+        >>> features = BackboneFeatures(va.inject_rein(vit))
+        >>> [tuple(f.shape) for f in features(torch.randn(2, 3, 56, 56))]
+        [(2, 64, 4, 4), (2, 64, 4, 4), (2, 64, 4, 4), (2, 64, 4, 4)]
+    """
+
+    def __init__(self, model: nn.Module, layers: Sequence[int] | None = None) -> None:
+        super().__init__()
+        self.model = model
+        self.host: HostSpec = describe_host(model)
+        depth = self.host.depth
+        layers = default_layers(depth) if layers is None else [int(i) for i in layers]
+        resolved = [i + depth if i < 0 else i for i in layers]
+        if any(not 0 <= i < depth for i in resolved):
+            raise ValueError(f"feature layers {layers} out of range for a host with {depth} blocks")
+        self.layers = resolved
+
+    @property
+    def embed_dim(self) -> int:
+        return self.host.embed_dim
+
+    @property
+    def patch_size(self) -> int:
+        return self.host.patch_size
+
+    def _to_map(self, output, grid: tuple[int, int]) -> Tensor:
+        hidden = output[0] if isinstance(output, (tuple, list)) else output
+        if self.host.layout == "BHWC" or hidden.ndim == 4:
+            return hidden.permute(0, 3, 1, 2)
+        height, width = grid
+        patches = hidden[:, self.host.num_prefix_tokens :]
+        if patches.shape[1] != height * width:
+            if patches.shape[1] < height * width:
+                raise RuntimeError(
+                    f"block output has {hidden.shape[1]} tokens; expected {self.host.num_prefix_tokens} prefix + "
+                    f"{height}x{width} patch tokens for this image size"
+                )
+            patches = patches[:, -height * width :]
+        return patches.transpose(1, 2).reshape(hidden.shape[0], hidden.shape[2], height, width)
+
+    def forward(self, images: Tensor) -> list[Tensor]:
+        grid = (images.shape[-2] // self.patch_size, images.shape[-1] // self.patch_size)
+        blocks = self.host.blocks(self.model)
+        captured: dict[int, Tensor] = {}
+        handles = []
+
+        def capture(index: int):
+            def hook(module: nn.Module, args, output) -> None:
+                captured[index] = self._to_map(output, grid)
+
+            return hook
+
+        try:
+            for index in sorted(set(self.layers)):
+                handles.append(blocks[index].register_forward_hook(capture(index)))
+            _run_host(self.model, images)
+        finally:
+            for handle in handles:
+                handle.remove()
+        return [captured[index] for index in self.layers]
+
+
+def _norm(channels: int) -> nn.GroupNorm:
+    return nn.GroupNorm(math.gcd(32, channels), channels)
+
+
+class MultiScaleNeck(nn.Module):
+    """Resamples single-stride ViT maps by ``scales`` (default x4, x2, x1, x0.5).
+
+    With patch 16 this gives strides 4/8/16/32. Normalisation is GroupNorm rather than
+    mmseg's SyncBN, so results do not depend on the batch size or the number of GPUs.
+
+    Args:
+        channels: Channels of every input map.
+        scales: One factor per input map (4, 2, 1, 0.5 or any other, interpolated).
+
+    Example:
+        >>> neck = MultiScaleNeck(16)
+        >>> [tuple(f.shape[-2:]) for f in neck([torch.randn(1, 16, 8, 8)] * 4)]
+        [(32, 32), (16, 16), (8, 8), (4, 4)]
+    """
+
+    def __init__(self, channels: int, scales: Sequence[float] = (4, 2, 1, 0.5)) -> None:
+        super().__init__()
+        self.scales = [float(s) for s in scales]
+        branches = []
+        for scale in self.scales:
+            if scale == 4:
+                branches.append(nn.Sequential(
+                    nn.ConvTranspose2d(channels, channels, 2, stride=2), _norm(channels), nn.GELU(),
+                    nn.ConvTranspose2d(channels, channels, 2, stride=2)))
+            elif scale == 2:
+                branches.append(nn.ConvTranspose2d(channels, channels, 2, stride=2))
+            elif scale == 1:
+                branches.append(nn.Identity())
+            elif scale == 0.5:
+                branches.append(nn.MaxPool2d(2))
+            else:
+                branches.append(nn.Identity())
+        self.branches = nn.ModuleList(branches)
+
+    def forward(self, features: Sequence[Tensor]) -> list[Tensor]:
+        if len(features) != len(self.branches):
+            raise ValueError(f"the neck expects {len(self.branches)} feature maps, got {len(features)}")
+        out = []
+        for feature, branch, scale in zip(features, self.branches, self.scales):
+            if scale in (4, 2, 1, 0.5):
+                out.append(branch(feature))
+            else:
+                size = (max(1, round(feature.shape[-2] * scale)), max(1, round(feature.shape[-1] * scale)))
+                out.append(F.interpolate(feature, size=size, mode="bilinear", align_corners=False))
+        return out

@@ -1,0 +1,638 @@
+"""Config-driven training of a :class:`~vfm_adapters.seg.heads.Segmentor`, resumable exactly.
+
+``train(config)`` builds the host (timm), injects the configured adapter methods,
+trains adapters + neck + head with AdamW and a poly schedule through
+``accelerate.Accelerator`` (so ``accelerate launch`` gives multi-GPU data parallelism
+and ``mixed_precision`` bf16 autocast on CUDA), and saves only what was trained:
+the adapters (``vfm_adapters.save_adapters``), the neck + head, and the backbone only
+if it was itself trained.
+
+Exact resumption: ``output_dir/checkpoint.pt`` is written atomically (temporary file +
+``os.replace``) every ``checkpoint_interval`` steps with the trained tensors, the
+optimizer, the scheduler and every random generator state. The data stream is a pure
+function of ``(seed, position)`` (:mod:`vfm_adapters.seg.sampling`), so a resumed run
+starts the stream at the right position and, on CPU, reproduces an uninterrupted run
+bit for bit.
+
+Config reference (YAML or JSON; every key optional except the data)::
+
+    model:
+      backbone: vit_large_patch14_dinov2   # timm model name
+      backbone_kwargs: {img_size: 512}     # passed to timm.create_model
+      pretrained: false                    # timm pretrained weights (needs a download)
+      backbone_checkpoint: null            # a .safetensors/.pt state dict for the host
+      methods: [rein]                      # registered methods; [] or [freeze] = head only
+      method_options: {rein: {link_queries: false}}
+      train_backbone: false                # full fine-tuning (lr x optim.backbone_lr_mult)
+      layers: null                         # feature blocks (default [7, 11, 15, 23] of 24)
+      scales: [4, 2, 1, 0.5]
+      head: fpn                            # fpn | linear
+      head_channels: 256
+      dropout: 0.1
+      num_classes: 19
+      mean: [123.675, 116.28, 103.53]
+      std: [58.395, 57.12, 57.375]
+    data:
+      train: [{type: gta5, root: data/gta5, weight: 1.0}]
+      val: [{type: cityscapes, root: data/cityscapes, split: val, resize: [1024, 512]}]
+      crop_size: [512, 512]
+      scale: [1280, 720]                   # keep-ratio rescale target, null = none
+      ratio_range: [0.5, 2.0]
+      cat_max_ratio: 0.75
+      flip: 0.5
+      photometric: true
+      num_workers: 2
+    optim:
+      lr: 1.0e-4
+      weight_decay: 0.05                   # none on tokens, scale, norms, embeddings, biases
+      betas: [0.9, 0.999]
+      backbone_lr_mult: 0.1
+      poly_power: 0.9
+      min_lr: 0.0
+      warmup_iters: 0
+      warmup_ratio: 1.0e-6
+      grad_clip: null
+    train:
+      iterations: 40000
+      batch_size: 4                        # per process
+      grad_accum: 1
+      seed: 0
+      mixed_precision: auto                # auto = bf16 on CUDA, else no
+      log_interval: 50
+      checkpoint_interval: 1000
+      eval_interval: 0                     # 0 = evaluate only at the end
+      output_dir: runs/rein
+    eval:
+      mode: slide                          # slide | whole
+      crop: 512
+      stride: 341
+      limit: null                          # evaluate on the first N images only
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import random
+import tempfile
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from ..checkpoint import save_adapters
+from ..methods.base import adapter_parameters, get_method, inject, injected_methods
+from .datasets import build_dataset
+from .heads import Segmentor, segmentation_loss
+from .inference import evaluate
+from .metrics import results_table
+from .sampling import AugmentedStream, StreamSampler
+from .transforms import IMAGENET_MEAN, IMAGENET_STD, train_transform
+
+DEFAULTS: dict[str, dict[str, Any]] = {
+    "model": {
+        "backbone": "vit_large_patch14_dinov2", "backbone_kwargs": {}, "pretrained": False,
+        "backbone_checkpoint": None, "methods": ["rein"], "method_options": {}, "train_backbone": False,
+        "layers": None, "scales": [4, 2, 1, 0.5], "head": "fpn", "head_channels": 256, "dropout": 0.1,
+        "head_options": {}, "num_classes": 19, "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
+    },
+    "data": {
+        "train": [], "val": [], "crop_size": [512, 512], "scale": [1280, 720], "ratio_range": [0.5, 2.0],
+        "cat_max_ratio": 0.75, "flip": 0.5, "photometric": True, "num_workers": 2,
+    },
+    "optim": {
+        "lr": 1e-4, "weight_decay": 0.05, "betas": [0.9, 0.999], "backbone_lr_mult": 0.1, "poly_power": 0.9,
+        "min_lr": 0.0, "warmup_iters": 0, "warmup_ratio": 1e-6, "grad_clip": None,
+    },
+    "train": {
+        "iterations": 40000, "batch_size": 4, "grad_accum": 1, "seed": 0, "mixed_precision": "auto",
+        "log_interval": 50, "checkpoint_interval": 1000, "eval_interval": 0, "output_dir": "runs/segmentation",
+    },
+    "eval": {"mode": "slide", "crop": 512, "stride": 341, "limit": None},
+}
+
+#: Method options the segmentation stack sets unless the config says otherwise: the
+#: light heads use no object queries, so Rein's query link would be unused parameters
+#: (which also breaks DistributedDataParallel).
+METHOD_DEFAULTS: dict[str, dict[str, Any]] = {"rein": {"link_queries": False}}
+
+CHECKPOINT_NAME = "checkpoint.pt"
+
+
+class ConfigError(ValueError):
+    """A training config with unknown keys or invalid values."""
+
+
+def load_config(source: str | os.PathLike | Mapping[str, Any]) -> dict[str, Any]:
+    """Reads a YAML/JSON config (or takes a dict) and fills in :data:`DEFAULTS`.
+
+    Unknown sections or keys raise :class:`ConfigError` listing the accepted ones, so a
+    typo never silently falls back to a default.
+
+    Example:
+        >>> cfg = load_config({"train": {"iterations": 10}, "data": {"train": [{"type": "synthetic"}]}})
+        >>> cfg["train"]["iterations"], cfg["optim"]["lr"]
+        (10, 0.0001)
+    """
+    if isinstance(source, Mapping):
+        raw = copy.deepcopy(dict(source))
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file {path} not found")
+        text = path.read_text()
+        if path.suffix.lower() == ".json":
+            raw = json.loads(text)
+        else:
+            import yaml
+
+            raw = yaml.safe_load(text) or {}
+    if not isinstance(raw, Mapping):
+        raise ConfigError("a config is a mapping with sections " + ", ".join(DEFAULTS))
+    config = copy.deepcopy(DEFAULTS)
+    for section, values in raw.items():
+        if section not in config:
+            raise ConfigError(f"unknown config section {section!r}; sections: {sorted(config)}")
+        if not isinstance(values, Mapping):
+            raise ConfigError(f"config section {section!r} must be a mapping")
+        unknown = sorted(set(values) - set(config[section]))
+        if unknown:
+            raise ConfigError(f"unknown key(s) {unknown} in section {section!r}; accepted: {sorted(config[section])}")
+        config[section].update(copy.deepcopy(dict(values)))
+    _validate(config)
+    return config
+
+
+def _validate(config: dict[str, Any]) -> None:
+    train = config["train"]
+    for key in ("iterations", "batch_size", "grad_accum"):
+        if not isinstance(train[key], int) or train[key] < 1:
+            raise ConfigError(f"train.{key} must be a positive integer, got {train[key]!r}")
+    if isinstance(config["model"]["methods"], str):
+        config["model"]["methods"] = [m for m in config["model"]["methods"].split(",") if m]
+    if isinstance(config["data"]["val"], Mapping):
+        config["data"]["val"] = [dict(v, name=k) for k, v in config["data"]["val"].items()]
+    if config["train"]["mixed_precision"] not in ("auto", "no", "bf16", "fp16"):
+        raise ConfigError("train.mixed_precision must be auto, no, bf16 or fp16")
+    if config["eval"]["mode"] not in ("slide", "whole"):
+        raise ConfigError("eval.mode must be 'slide' or 'whole'")
+
+
+# ----------------------------------------------------------------------------- model
+def build_backbone(model_config: Mapping[str, Any]) -> nn.Module:
+    """Creates the timm host and loads ``backbone_checkpoint`` (safetensors or torch) if given."""
+    import timm
+
+    backbone = timm.create_model(model_config["backbone"], pretrained=bool(model_config["pretrained"]),
+                                 num_classes=0, **dict(model_config.get("backbone_kwargs") or {}))
+    checkpoint = model_config.get("backbone_checkpoint")
+    if checkpoint:
+        path = Path(checkpoint)
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            state = state.get("state_dict", state) if isinstance(state, dict) else state
+        missing, unexpected = backbone.load_state_dict(state, strict=False)
+        missing = [k for k in missing if not k.startswith("head")]
+        if missing or unexpected:
+            raise ConfigError(f"backbone checkpoint {path} does not fit {model_config['backbone']}: "
+                              f"missing {missing[:5]}, unexpected {list(unexpected)[:5]}")
+    return backbone
+
+
+def build_adapted_backbone(
+    model_config: Mapping[str, Any], method_defaults: Mapping[str, Mapping[str, Any]] = METHOD_DEFAULTS
+) -> nn.Module:
+    """The host with the config's methods injected and ``requires_grad`` set for training.
+
+    ``methods`` may name several registered methods (via ``get_method``); ``"freeze"``
+    (or an empty list) injects nothing, ``"full"`` or ``train_backbone`` keeps the host
+    trainable. ``method_defaults`` are per-method options that ``method_options`` override.
+    """
+    backbone = build_backbone(model_config)
+    methods = list(model_config.get("methods") or [])
+    for name in methods:
+        if name in ("freeze", "full", "none"):
+            continue
+        method = get_method(name)
+        accepted = set(getattr(method.config_class, "__dataclass_fields__", {}))
+        options = {k: v for k, v in method_defaults.get(name, {}).items() if k in accepted}
+        options.update(dict((model_config.get("method_options") or {}).get(name, {})))
+        inject(backbone, name, method.config_class(**options), freeze_host=True)
+    train_backbone = bool(model_config.get("train_backbone")) or "full" in methods
+    adapter_ids = {id(p) for p in adapter_parameters(backbone)}
+    for param in backbone.parameters():
+        param.requires_grad_(train_backbone or id(param) in adapter_ids)
+    return backbone
+
+
+def build_segmentor(model_config: Mapping[str, Any]) -> Segmentor:
+    """Host + adapter methods (any registered, via ``get_method``) + neck + head.
+
+    ``methods`` may name several registered methods; ``"freeze"`` (or an empty list)
+    means no adapter: the frozen host with a trained head. With ``train_backbone`` the
+    host stays trainable (full fine-tuning).
+
+    Example:
+        >>> seg = build_segmentor({**DEFAULTS["model"], "backbone": "vit_tiny_patch16_224",
+        ...     "backbone_kwargs": {"img_size": 32, "depth": 2}, "num_classes": 3, "head_channels": 16})
+        >>> injected_methods(seg.backbone)
+        ['rein']
+    """
+    if model_config.get("head") == "mask2former":
+        from .mask2former import build_mask2former_segmentor
+
+        return build_mask2former_segmentor(model_config, **dict(model_config.get("head_options") or {}))
+    backbone = build_adapted_backbone(model_config)
+    segmentor = Segmentor(backbone, int(model_config["num_classes"]), layers=model_config.get("layers"),
+                          head=model_config["head"], head_channels=int(model_config["head_channels"]),
+                          scales=model_config["scales"], dropout=float(model_config["dropout"]))
+    segmentor.mean, segmentor.std = tuple(model_config["mean"]), tuple(model_config["std"])
+    return segmentor
+
+
+def no_weight_decay(name: str, param: nn.Parameter) -> bool:
+    """True for tokens, scales, embeddings, prompts, norm weights and biases (any 0/1-d tensor).
+
+    Matches name components, so ``tokens_a``, ``cls_token``, ``pos_embed``, ``scale``,
+    ``prompts`` and anything under a ``norm`` module are exempt, but Rein's
+    ``token_to_feature.weight`` (a Linear layer) is decayed.
+
+    Example:
+        >>> no_weight_decay("features.model.vfm_adapters.rein.tokens_a", torch.zeros(2, 3, 4))
+        True
+        >>> no_weight_decay("features.model.vfm_adapters.rein.token_to_feature.weight", torch.zeros(4, 4))
+        False
+    """
+    if param.ndim <= 1:
+        return True
+    parts = name.lower().split(".")
+    last = parts[-1]
+    if last.startswith("token") or last.endswith(("_token", "_tokens")) or "scale" in last or last == "gamma":
+        return True
+    # Mask2Former's query tables and level embeddings are embeddings too (no decay in mmseg's recipe).
+    return any("pos_embed" in part or "position_embedding" in part or "prompt" in part or "norm" in part
+               or part.startswith("queries_") or part == "level_embed"
+               or part in ("embeddings_position", "register_tokens") for part in parts)
+
+
+def parameter_groups(model: Segmentor, lr: float, weight_decay: float, backbone_lr_mult: float = 0.1) -> list[dict]:
+    """AdamW groups: decay / no decay, and the host's own weights at ``lr * backbone_lr_mult``."""
+    adapter_ids = {id(p) for p in adapter_parameters(model.backbone)}
+    host_ids = {id(p) for p in model.backbone.parameters()} - adapter_ids
+    groups: dict[tuple[bool, bool], dict] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        host = id(param) in host_ids
+        decay = not no_weight_decay(name, param)
+        group = groups.setdefault((host, decay), {
+            "params": [], "names": [], "lr": lr * (backbone_lr_mult if host else 1.0),
+            "weight_decay": weight_decay if decay else 0.0})
+        group["params"].append(param)
+        group["names"].append(name)
+    if not groups:
+        raise ConfigError("nothing to train: no adapter, head or backbone parameter requires gradients")
+    return [groups[key] for key in sorted(groups)]
+
+
+def poly_factor(step: int, total: int, power: float = 0.9, warmup_iters: int = 0, warmup_ratio: float = 1e-6,
+                min_ratio: float = 0.0) -> float:
+    """Learning-rate factor at ``step``: linear warm-up, then ``(1 - step/total) ** power``.
+
+    Example:
+        >>> poly_factor(0, 100), round(poly_factor(50, 100, power=1.0), 3), poly_factor(100, 100)
+        (1.0, 0.5, 0.0)
+    """
+    factor = (1.0 - min(step, total) / total) ** power * (1 - min_ratio) + min_ratio
+    if warmup_iters > 0 and step < warmup_iters:
+        factor *= warmup_ratio + (1 - warmup_ratio) * step / warmup_iters
+    return factor
+
+
+# ----------------------------------------------------------------------------- checkpoints
+def _write_atomic(path: Path, payload: Any) -> None:
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(handle)
+    try:
+        torch.save(payload, temporary)
+        with open(temporary, "rb") as stream:
+            os.fsync(stream.fileno())
+        os.chmod(temporary, 0o644)  # mkstemp creates 0600 files
+        os.replace(temporary, path)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+        raise
+
+
+def _rng_state() -> dict[str, Any]:
+    numpy_state = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": [numpy_state[0], numpy_state[1].tolist(), int(numpy_state[2]), int(numpy_state[3]), float(numpy_state[4])],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: Mapping[str, Any]) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, position, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), position, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def trained_state(model: Segmentor) -> dict[str, torch.Tensor]:
+    """Every trained tensor: parameters requiring grad, plus the neck's and head's buffers."""
+    state = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+    for prefix, module in (("neck", model.neck), ("head", model.head)):
+        state.update({f"{prefix}.{name}": b.detach().clone() for name, b in module.named_buffers()})
+    return state
+
+
+def save_checkpoint(path: Path, model: Segmentor, optimizer, scheduler, step: int, config: Mapping[str, Any]) -> None:
+    """Writes the resumable training state atomically."""
+    _write_atomic(path, {
+        "step": step, "model": trained_state(model), "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(), "rng": _rng_state(), "config": json.dumps(config, sort_keys=True),
+    })
+
+
+def load_checkpoint(path: Path, model: Segmentor, optimizer, scheduler) -> int:
+    """Restores a checkpoint written by :func:`save_checkpoint`; returns its step."""
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    expected = trained_state(model)
+    if set(payload["model"]) != set(expected):
+        missing, extra = sorted(set(expected) - set(payload["model"])), sorted(set(payload["model"]) - set(expected))
+        raise ConfigError(f"checkpoint {path} does not match this model (missing {missing[:5]}, unexpected {extra[:5]}); "
+                          "was the config changed?")
+    owners = dict(model.named_parameters())
+    owners.update({f"neck.{n}": b for n, b in model.neck.named_buffers()})
+    owners.update({f"head.{n}": b for n, b in model.head.named_buffers()})
+    with torch.no_grad():
+        for name, tensor in payload["model"].items():
+            owners[name].copy_(tensor)
+    optimizer.load_state_dict(payload["optimizer"])
+    scheduler.load_state_dict(payload["scheduler"])
+    _set_rng_state(payload["rng"])
+    return int(payload["step"])
+
+
+def save_segmentor(model: Segmentor, directory: str | os.PathLike, model_config: Mapping[str, Any],
+                   extra: Mapping[str, Any] | None = None) -> Path:
+    """Saves what was trained: ``adapters/`` (if any), ``head.safetensors``, ``segmentor.json``,
+    and ``backbone.safetensors`` only when the host itself was trained.
+    """
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    if injected_methods(model.backbone):
+        save_adapters(model.backbone, directory / "adapters")
+    decode = {k: v.detach().cpu().contiguous() for k, v in model.decode_modules().state_dict().items()}
+    _atomic_bytes(directory / "head.safetensors", lambda p: save_file(decode, p))
+    adapter_ids = {id(a) for a in adapter_parameters(model.backbone)}
+    host_trained = any(p.requires_grad for p in model.backbone.parameters() if id(p) not in adapter_ids)
+    if host_trained:
+        host_state = {k: v.detach().cpu().contiguous() for k, v in model.backbone.state_dict().items()
+                      if not k.startswith("vfm_adapters.")}
+        _atomic_bytes(directory / "backbone.safetensors", lambda p: save_file(host_state, p))
+    info = {"model": dict(model_config), "settings": model.settings, "host_trained": host_trained,
+            "methods": injected_methods(model.backbone), **(extra or {})}
+    _atomic_bytes(directory / "segmentor.json", lambda p: Path(p).write_text(json.dumps(info, indent=2, default=str) + "\n"))
+    return directory
+
+
+def _atomic_bytes(path: Path, write: Callable[[str], Any]) -> None:
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(handle)
+    try:
+        write(temporary)
+        os.chmod(temporary, 0o644)  # mkstemp creates 0600 files
+        os.replace(temporary, path)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+        raise
+
+
+def load_segmentor(directory: str | os.PathLike, map_location: str | torch.device = "cpu") -> tuple[Segmentor, dict]:
+    """Rebuilds a :class:`Segmentor` saved by :func:`save_segmentor` (or by ``train``).
+
+    Returns:
+        The model (eval mode) and the saved ``segmentor.json`` dict.
+    """
+    from safetensors.torch import load_file
+
+    from ..checkpoint import load_adapters
+
+    directory = Path(directory)
+    info_path = directory / "segmentor.json"
+    if not info_path.is_file():
+        raise FileNotFoundError(f"{info_path} not found: a saved segmentor directory holds segmentor.json, head.safetensors "
+                                "and adapters/ (written by vfm-adapters train or save_segmentor)")
+    info = json.loads(info_path.read_text())
+    model_config = dict(info["model"])
+    if info.get("host_trained"):
+        model_config["backbone_checkpoint"] = str(directory / "backbone.safetensors")
+    model_config["methods"] = []
+    model_config["train_backbone"] = False
+    # A host neither pretrained nor loaded from a file was randomly initialised right after
+    # seeding with the run's seed: re-seeding rebuilds exactly the same frozen weights.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(info.get("seed", 0)))
+        backbone = build_backbone(model_config)
+    if (directory / "adapters").is_dir():
+        load_adapters(backbone, directory / "adapters")
+    settings = info["settings"]
+    if settings["head"] == "mask2former":
+        from .mask2former import Mask2FormerSegmentor
+
+        model = Mask2FormerSegmentor.from_settings(backbone, settings)
+    else:
+        model = Segmentor(backbone, settings["num_classes"], layers=settings["layers"], head=settings["head"],
+                          head_channels=settings["head_channels"], scales=settings["scales"], dropout=settings["dropout"])
+    model.decode_modules().load_state_dict(load_file(str(directory / "head.safetensors")))
+    model.mean, model.std = tuple(model_config["mean"]), tuple(model_config["std"])
+    return model.to(map_location).eval(), info
+
+
+# ----------------------------------------------------------------------------- training
+def _mixed_precision(value: str) -> str:
+    if value != "auto":
+        return value
+    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+
+
+def build_val_sets(config: Mapping[str, Any]) -> dict[str, tuple[Any, dict]]:
+    """``{name: (dataset, per-dataset eval options)}`` from ``data.val``."""
+    sets = {}
+    for i, spec in enumerate(config["data"]["val"]):
+        name = spec.get("name") or f"{spec.get('type')}{'' if i == 0 else i}"
+        options = {"resize": tuple(spec["resize"])} if spec.get("resize") else {}
+        sets[name] = (build_dataset(spec), options)
+    return sets
+
+
+def evaluate_sets(model: Segmentor, config: Mapping[str, Any], sets: Mapping[str, tuple[Any, dict]],
+                  progress: bool = False) -> dict[str, dict]:
+    """Evaluates on every validation set with the config's protocol."""
+    ev, model_cfg = config["eval"], config["model"]
+    results = {}
+    for name, (dataset, options) in sets.items():
+        results[name] = evaluate(model, dataset, int(model_cfg["num_classes"]), mode=ev["mode"], crop=int(ev["crop"]),
+                                 stride=int(ev["stride"]), mean=model_cfg["mean"], std=model_cfg["std"],
+                                 limit=ev.get("limit"), progress=progress, **options)
+    return results
+
+
+def train(config: str | os.PathLike | Mapping[str, Any], resume: bool = False, stop_after: int | None = None,
+          progress: bool = True, log: Callable[[str], None] | None = None, evaluate_at_end: bool = True) -> dict[str, Any]:
+    """Trains a segmentor from a config; returns ``{"step", "loss", "results", "output_dir", "seconds"}``.
+
+    Args:
+        config: Path to a YAML/JSON config, or a dict (see the module docstring).
+        resume: Continue from ``output_dir/checkpoint.pt`` if it exists.
+        stop_after: Stop (after checkpointing) once this many steps ran in this call,
+            e.g. to split a run into time-boxed jobs; the run continues with ``resume``.
+        progress: Show a tqdm progress bar.
+        log: Called with log lines (default: ``print`` on the main process).
+        evaluate_at_end: Evaluate on ``data.val`` when training finishes.
+    """
+    from accelerate import Accelerator
+    from tqdm.auto import tqdm
+
+    config = load_config(config)
+    tc, oc, dc, mc = config["train"], config["optim"], config["data"], config["model"]
+    accelerator = Accelerator(mixed_precision=_mixed_precision(tc["mixed_precision"]))
+    say = log or accelerator.print
+    output_dir = Path(tc["output_dir"])
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    if not dc["train"]:
+        raise ConfigError("data.train is empty: list at least one training dataset")
+
+    seed = int(tc["seed"])
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    model = build_segmentor(mc)
+    groups = parameter_groups(model, oc["lr"], oc["weight_decay"], oc["backbone_lr_mult"])
+    optimizer = torch.optim.AdamW([{k: v for k, v in g.items() if k != "names"} for g in groups],
+                                  lr=oc["lr"], betas=tuple(oc["betas"]))
+    total = int(tc["iterations"])
+    min_ratio = oc["min_lr"] / oc["lr"] if oc["lr"] > 0 else 0.0
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: poly_factor(
+        step, total, oc["poly_power"], oc["warmup_iters"], oc["warmup_ratio"], min_ratio))
+
+    start = 0
+    checkpoint_path = output_dir / CHECKPOINT_NAME
+    if resume and checkpoint_path.is_file():
+        start = load_checkpoint(checkpoint_path, model, optimizer, scheduler)
+        say(f"resumed from {checkpoint_path} at step {start}/{total}")
+    elif resume:
+        say(f"no checkpoint at {checkpoint_path}; starting from scratch")
+
+    model, optimizer = accelerator.prepare(model, optimizer)
+    raw_model: Segmentor = accelerator.unwrap_model(model)
+
+    sources = [build_dataset(spec) for spec in dc["train"]]
+    weights = [float(spec.get("weight", 1.0)) for spec in dc["train"]]
+    transform = train_transform(tuple(dc["crop_size"]), tuple(dc["scale"]) if dc["scale"] else None,
+                                tuple(dc["ratio_range"]), dc["cat_max_ratio"], dc["flip"], dc["photometric"],
+                                mc["mean"], mc["std"])
+    batch, accum, world = int(tc["batch_size"]), int(tc["grad_accum"]), accelerator.num_processes
+    per_step = batch * accum * world
+    end = total if stop_after is None else min(total, start + int(stop_after))
+    sampler = StreamSampler([len(s) for s in sources], weights, seed=seed, start=start * per_step,
+                            length=(end - start) * per_step, rank=accelerator.process_index, world_size=world)
+    loader = DataLoader(AugmentedStream(sources, transform, seed), batch_size=batch, sampler=sampler,
+                        num_workers=int(dc["num_workers"]), generator=torch.Generator().manual_seed(seed),
+                        collate_fn=_collate, persistent_workers=False)
+    batches = iter(loader)
+
+    val_sets = build_val_sets(config) if accelerator.is_main_process and dc["val"] else {}
+    log_path = output_dir / "log.jsonl"
+    model.train()
+    bar = tqdm(total=total, initial=start, desc="train", disable=not (progress and accelerator.is_main_process),
+               dynamic_ncols=True)
+    started, loss_value, running = time.perf_counter(), float("nan"), []
+    computes_loss = bool(getattr(raw_model, "computes_loss", False))
+    step = start
+    for step in range(start, end):
+        step_loss = 0.0
+        for micro in range(accum):
+            data = next(batches)
+            images = data["image"].to(accelerator.device, non_blocking=True)
+            labels = data["label"].to(accelerator.device, non_blocking=True)
+            context = accelerator.no_sync(model) if micro < accum - 1 else nullcontext()
+            with context:
+                with accelerator.autocast():
+                    if computes_loss:  # Mask2Former: matching + its own losses, inside forward (DDP-safe)
+                        loss = model(images, labels) / accum
+                    else:
+                        loss = segmentation_loss(model(images), labels) / accum
+                accelerator.backward(loss)
+            step_loss += float(loss.detach())
+        if oc["grad_clip"]:
+            accelerator.clip_grad_norm_([p for p in raw_model.parameters() if p.requires_grad], oc["grad_clip"])
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        loss_value = step_loss
+        running.append(step_loss)
+        bar.update(1)
+        bar.set_postfix(loss=f"{step_loss:.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+        done = step + 1
+        if accelerator.is_main_process and (done % max(int(tc["log_interval"]), 1) == 0 or done == end):
+            entry = {"step": done, "loss": float(np.mean(running)), "lr": scheduler.get_last_lr()[0],
+                     "seconds": round(time.perf_counter() - started, 2)}
+            running = []
+            with open(log_path, "a") as stream:
+                stream.write(json.dumps(entry) + "\n")
+        interval = int(tc["checkpoint_interval"])
+        if (interval > 0 and done % interval == 0) or done == end:
+            accelerator.wait_for_everyone()
+            if accelerator.is_main_process:
+                save_checkpoint(checkpoint_path, raw_model, optimizer, scheduler, done, config)
+        if val_sets and tc["eval_interval"] and done % int(tc["eval_interval"]) == 0 and done < total:
+            results = evaluate_sets(raw_model, config, val_sets)
+            say(f"step {done}: " + ", ".join(f"{k} mIoU {v['mIoU']:.1f}" for k, v in results.items()))
+            model.train()
+    bar.close()
+    finished = (end == total)
+    results: dict[str, dict] = {}
+    accelerator.wait_for_everyone()
+    if finished and accelerator.is_main_process:
+        save_segmentor(raw_model, output_dir, mc, {"seed": seed, "step": end})
+        if evaluate_at_end and val_sets:
+            results = evaluate_sets(raw_model, config, val_sets)
+            (output_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+            say(results_table({Path(output_dir).name: results}))
+    return {"step": end if start < end else start, "loss": loss_value, "results": results, "output_dir": str(output_dir),
+            "seconds": time.perf_counter() - started, "finished": finished, "model": raw_model}
+
+
+def _collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "image": torch.stack([s["image"] for s in samples]),
+        "label": torch.stack([s["label"] for s in samples]),
+        "path": [s.get("path") for s in samples],
+    }

@@ -1,0 +1,330 @@
+"""Joint image/label transforms: every geometric step moves image and label together.
+
+A transform is called as ``transform(sample, rng=generator)`` on a sample dict
+``{"image": (3, H, W) tensor, "label": (H, W) int64 tensor, ...}`` and returns a new
+dict. Randomness comes only from the ``numpy.random.Generator`` passed in, so an
+augmentation is reproducible from its seed (the training stream seeds each sample by
+its position, which makes resumed runs exact). Without ``rng`` a fresh unseeded
+generator is used.
+
+The pipeline of Rein's mmseg recipe is::
+
+    Compose([RandomRescale((1280, 720), (0.5, 2.0)), RandomCrop((512, 512), cat_max_ratio=0.75),
+             RandomFlip(0.5), PhotoMetricDistortion(), Normalize()])
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .datasets import IGNORE_INDEX
+
+Sample = dict[str, Any]
+
+#: ImageNet statistics on the 0..255 scale (mmseg's defaults).
+IMAGENET_MEAN = (123.675, 116.28, 103.53)
+IMAGENET_STD = (58.395, 57.12, 57.375)
+
+
+def _rng(rng: np.random.Generator | None) -> np.random.Generator:
+    return rng if rng is not None else np.random.default_rng()
+
+
+def resize_sample(sample: Sample, height: int, width: int, image_mode: str = "bilinear") -> Sample:
+    """Resizes image (``image_mode``) and label (nearest) to ``height`` x ``width``."""
+    out = dict(sample)
+    image = sample["image"]
+    if tuple(image.shape[-2:]) != (height, width):
+        dtype = image.dtype
+        resized = F.interpolate(image[None].float(), size=(height, width), mode=image_mode,
+                                **({"align_corners": False} if image_mode in ("bilinear", "bicubic") else {}))[0]
+        if dtype == torch.uint8:
+            resized = resized.round().clamp(0, 255).to(torch.uint8)
+        out["image"] = resized
+    if "label" in sample and tuple(sample["label"].shape[-2:]) != (height, width):
+        label = sample["label"]
+        out["label"] = F.interpolate(label[None, None].float(), size=(height, width), mode="nearest-exact")[0, 0].to(label.dtype)
+    return out
+
+
+def rescale_size(height: int, width: int, scale: tuple[int, int]) -> tuple[int, int]:
+    """mmseg's keep-ratio rescale: the largest size fitting ``scale`` = (long, short) edges.
+
+    Example:
+        >>> rescale_size(1052, 1914, (1280, 720))   # GTA5 -> about 1280x720
+        (704, 1280)
+    """
+    long_edge, short_edge = max(scale), min(scale)
+    factor = min(long_edge / max(height, width), short_edge / min(height, width))
+    return int(height * factor + 0.5), int(width * factor + 0.5)
+
+
+class Compose:
+    """Applies transforms in order, passing the same generator to each.
+
+    Example:
+        >>> import torch
+        >>> t = Compose([RandomFlip(1.0), Normalize(mean=(0, 0, 0), std=(1, 1, 1))])
+        >>> s = t({"image": torch.arange(3, dtype=torch.uint8).expand(3, 1, 3), "label": torch.tensor([[0, 1, 2]])})
+        >>> s["label"].tolist(), s["image"][0].tolist()
+        ([[2, 1, 0]], [[2.0, 1.0, 0.0]])
+    """
+
+    def __init__(self, transforms: Sequence[Callable]) -> None:
+        self.transforms = list(transforms)
+
+    def __call__(self, sample: Sample, rng: np.random.Generator | None = None) -> Sample:
+        rng = _rng(rng)
+        for transform in self.transforms:
+            sample = transform(sample, rng=rng)
+        return sample
+
+    def __repr__(self) -> str:
+        return "Compose(" + ", ".join(repr(t) for t in self.transforms) + ")"
+
+
+class Resize:
+    """Resizes to a fixed ``(height, width)``, or keep-ratio into ``scale`` = (long, short).
+
+    Args:
+        size: Exact output ``(height, width)``.
+        scale: mmseg-style keep-ratio target, e.g. ``(2048, 512)`` or ``(1280, 720)``.
+        image_mode: Interpolation of the image (the label is always nearest).
+    """
+
+    def __init__(self, size: tuple[int, int] | None = None, scale: tuple[int, int] | None = None,
+                 image_mode: str = "bilinear") -> None:
+        if (size is None) == (scale is None):
+            raise ValueError("give exactly one of size=(height, width) or scale=(long, short)")
+        self.size, self.scale, self.image_mode = size, scale, image_mode
+
+    def __call__(self, sample: Sample, rng: np.random.Generator | None = None) -> Sample:
+        height, width = sample["image"].shape[-2:]
+        target = tuple(self.size) if self.size is not None else rescale_size(height, width, self.scale)
+        return resize_sample(sample, *target, image_mode=self.image_mode)
+
+    def __repr__(self) -> str:
+        return f"Resize(size={self.size}, scale={self.scale})"
+
+
+class RandomRescale:
+    """Keep-ratio rescale into ``scale`` times a random ratio from ``ratio_range``.
+
+    This is mmseg's ``Resize(img_scale=scale, ratio_range=...)``: Rein trains on GTA5
+    rescaled around 1280x720 by 0.5-2.0.
+    """
+
+    def __init__(self, scale: tuple[int, int], ratio_range: tuple[float, float] = (0.5, 2.0),
+                 image_mode: str = "bilinear") -> None:
+        self.scale, self.ratio_range, self.image_mode = tuple(scale), tuple(ratio_range), image_mode
+
+    def __call__(self, sample: Sample, rng: np.random.Generator | None = None) -> Sample:
+        ratio = float(_rng(rng).uniform(*self.ratio_range))
+        height, width = sample["image"].shape[-2:]
+        scaled = (int(self.scale[0] * ratio), int(self.scale[1] * ratio))
+        return resize_sample(sample, *rescale_size(height, width, scaled), image_mode=self.image_mode)
+
+    def __repr__(self) -> str:
+        return f"RandomRescale(scale={self.scale}, ratio_range={self.ratio_range})"
+
+
+def pad_sample(sample: Sample, height: int, width: int, image_value: float = 0, label_value: int = IGNORE_INDEX) -> Sample:
+    """Pads bottom/right up to ``height`` x ``width`` (label padded with ignore)."""
+    h, w = sample["image"].shape[-2:]
+    if h >= height and w >= width:
+        return sample
+    out = dict(sample)
+    pad = (0, max(width - w, 0), 0, max(height - h, 0))
+    out["image"] = F.pad(sample["image"], pad, value=image_value)
+    if "label" in sample:
+        out["label"] = F.pad(sample["label"], pad, value=label_value)
+    return out
+
+
+class RandomCrop:
+    """Random crop of ``size`` = (height, width); pads (label with 255) if the image is smaller.
+
+    With ``cat_max_ratio < 1`` the crop is re-drawn (up to 10 times) while one class
+    covers more than that share of the crop's labelled pixels, as mmseg does (0.75 in
+    Rein's recipe), so crops of nearly only road or sky are avoided.
+    """
+
+    def __init__(self, size: tuple[int, int], cat_max_ratio: float = 1.0, ignore_index: int = IGNORE_INDEX) -> None:
+        self.size, self.cat_max_ratio, self.ignore_index = tuple(size), float(cat_max_ratio), ignore_index
+
+    def _offsets(self, height: int, width: int, rng: np.random.Generator) -> tuple[int, int]:
+        return int(rng.integers(0, max(height - self.size[0], 0) + 1)), int(rng.integers(0, max(width - self.size[1], 0) + 1))
+
+    def __call__(self, sample: Sample, rng: np.random.Generator | None = None) -> Sample:
+        rng = _rng(rng)
+        height, width = sample["image"].shape[-2:]
+        top, left = self._offsets(height, width, rng)
+        if self.cat_max_ratio < 1.0 and "label" in sample:
+            for _ in range(10):
+                crop = sample["label"][top : top + self.size[0], left : left + self.size[1]]
+                counts = torch.bincount(crop[crop != self.ignore_index].flatten())
+                counts = counts[counts > 0]
+                if len(counts) > 1 and counts.max().item() / counts.sum().item() < self.cat_max_ratio:
+                    break
+                top, left = self._offsets(height, width, rng)
+        out = dict(sample)
+        out["image"] = sample["image"][..., top : top + self.size[0], left : left + self.size[1]]
+        if "label" in sample:
+            out["label"] = sample["label"][top : top + self.size[0], left : left + self.size[1]]
+        return pad_sample(out, *self.size, label_value=self.ignore_index)
+
+    def __repr__(self) -> str:
+        return f"RandomCrop(size={self.size}, cat_max_ratio={self.cat_max_ratio})"
+
+
+class RandomFlip:
+    """Horizontal flip of image and label with probability ``p``."""
+
+    def __init__(self, p: float = 0.5) -> None:
+        self.p = float(p)
+
+    def __call__(self, sample: Sample, rng: np.random.Generator | None = None) -> Sample:
+        if _rng(rng).random() >= self.p:
+            return sample
+        out = dict(sample)
+        out["image"] = sample["image"].flip(-1)
+        if "label" in sample:
+            out["label"] = sample["label"].flip(-1)
+        return out
+
+    def __repr__(self) -> str:
+        return f"RandomFlip(p={self.p})"
+
+
+def rgb_to_hsv(rgb: torch.Tensor) -> torch.Tensor:
+    """(3, H, W) RGB in [0, 1] -> HSV in [0, 1] (hue as a fraction of a turn)."""
+    r, g, b = rgb.unbind(0)
+    maximum, _ = rgb.max(0)
+    minimum, _ = rgb.min(0)
+    delta = maximum - minimum
+    safe = torch.where(delta > 0, delta, torch.ones_like(delta))
+    hue = torch.where(maximum == r, ((g - b) / safe) % 6, torch.where(maximum == g, (b - r) / safe + 2, (r - g) / safe + 4))
+    hue = torch.where(delta > 0, hue / 6.0, torch.zeros_like(hue))
+    saturation = torch.where(maximum > 0, delta / torch.where(maximum > 0, maximum, torch.ones_like(maximum)), torch.zeros_like(maximum))
+    return torch.stack([hue, saturation, maximum])
+
+
+def hsv_to_rgb(hsv: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`rgb_to_hsv`.
+
+    Example:
+        >>> x = torch.rand(3, 4, 4)
+        >>> torch.allclose(hsv_to_rgb(rgb_to_hsv(x)), x, atol=1e-5)
+        True
+    """
+    hue, saturation, value = hsv.unbind(0)
+    k = lambda n: (n + hue * 6) % 6  # noqa: E731
+    f = lambda n: value - value * saturation * torch.clamp(torch.minimum(k(n), 4 - k(n)), 0, 1)  # noqa: E731
+    return torch.stack([f(5), f(3), f(1)])
+
+
+class PhotoMetricDistortion:
+    """mmseg's photometric distortion: brightness, contrast, saturation, hue (each p = 0.5).
+
+    Brightness adds a delta in ±32 (0..255 scale), contrast and saturation scale by
+    0.5-1.5, hue shifts by ±18 degrees; contrast comes before or after the HSV steps
+    at random. The label is untouched. Output is ``float32`` on the 0..255 scale.
+    """
+
+    def __init__(self, brightness_delta: float = 32, contrast_range: tuple[float, float] = (0.5, 1.5),
+                 saturation_range: tuple[float, float] = (0.5, 1.5), hue_delta: float = 18) -> None:
+        self.brightness_delta, self.contrast_range = brightness_delta, contrast_range
+        self.saturation_range, self.hue_delta = saturation_range, hue_delta
+
+    def __call__(self, sample: Sample, rng: np.random.Generator | None = None) -> Sample:
+        rng = _rng(rng)
+        image = sample["image"].float()
+        if rng.integers(2):
+            image = image + float(rng.uniform(-self.brightness_delta, self.brightness_delta))
+        contrast_first = bool(rng.integers(2))
+
+        def contrast(x: torch.Tensor) -> torch.Tensor:
+            return x * float(rng.uniform(*self.contrast_range)) if rng.integers(2) else x
+
+        if contrast_first:
+            image = contrast(image)
+        do_saturation, do_hue = bool(rng.integers(2)), bool(rng.integers(2))
+        saturation = float(rng.uniform(*self.saturation_range))
+        hue = float(rng.uniform(-self.hue_delta, self.hue_delta))
+        if do_saturation or do_hue:
+            hsv = rgb_to_hsv(image.clamp(0, 255) / 255.0)
+            if do_saturation:
+                hsv[1] = (hsv[1] * saturation).clamp(0, 1)
+            if do_hue:
+                hsv[0] = (hsv[0] + hue / 360.0) % 1.0
+            image = hsv_to_rgb(hsv) * 255.0
+        if not contrast_first:
+            image = contrast(image)
+        out = dict(sample)
+        out["image"] = image.clamp(0, 255)
+        return out
+
+    def __repr__(self) -> str:
+        return "PhotoMetricDistortion()"
+
+
+class Normalize:
+    """``(image - mean) / std`` on the 0..255 scale, giving the backbone's float input."""
+
+    def __init__(self, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD) -> None:
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+
+    def __call__(self, sample: Sample, rng: np.random.Generator | None = None) -> Sample:
+        out = dict(sample)
+        out["image"] = (sample["image"].float() - self.mean) / self.std
+        return out
+
+    def __repr__(self) -> str:
+        return f"Normalize(mean={self.mean.flatten().tolist()}, std={self.std.flatten().tolist()})"
+
+
+def train_transform(
+    crop_size: tuple[int, int] = (512, 512),
+    scale: tuple[int, int] | None = (1280, 720),
+    ratio_range: tuple[float, float] = (0.5, 2.0),
+    cat_max_ratio: float = 0.75,
+    flip: float = 0.5,
+    photometric: bool = True,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+) -> Compose:
+    """Rein's training pipeline (defaults: GTA5 recipe, REFERENCE.md section 1).
+
+    Example:
+        >>> import torch
+        >>> t = train_transform(crop_size=(32, 32), scale=(64, 48))
+        >>> s = t({"image": torch.zeros(3, 60, 80, dtype=torch.uint8), "label": torch.zeros(60, 80, dtype=torch.long)},
+        ...       rng=np.random.default_rng(0))
+        >>> s["image"].shape, s["label"].shape
+        (torch.Size([3, 32, 32]), torch.Size([32, 32]))
+    """
+    steps: list[Callable] = []
+    if scale is not None:
+        steps.append(RandomRescale(tuple(scale), tuple(ratio_range)))
+    steps.append(RandomCrop(tuple(crop_size), cat_max_ratio=cat_max_ratio))
+    if flip > 0:
+        steps.append(RandomFlip(flip))
+    if photometric:
+        steps.append(PhotoMetricDistortion())
+    steps.append(Normalize(mean, std))
+    return Compose(steps)
+
+
+def eval_transform(size: tuple[int, int] | None = None, scale: tuple[int, int] | None = None,
+                   mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD) -> Compose:
+    """Test-time pipeline: optional resize, then normalisation."""
+    steps: list[Callable] = []
+    if size is not None or scale is not None:
+        steps.append(Resize(size=tuple(size) if size is not None else None, scale=tuple(scale) if scale is not None else None))
+    steps.append(Normalize(mean, std))
+    return Compose(steps)
