@@ -1,0 +1,534 @@
+"""DACS (Tranheden et al., WACV 2021) with DAFormer's options, for any segmentor.
+
+A *segmentor* here is any ``nn.Module`` mapping normalised images ``(B, 3, H, W)`` to
+logits ``(B, K, H, W)`` (or ``(B, K, h, w)``, upsampled bilinearly to the label size):
+:class:`vfm_adapters.seg.Segmentor` with an EVA02-CLIP or a DINOv2 + Rein backbone, or
+anything else.
+
+One step (:func:`dacs_step`, :class:`DACSTrainer`), for a source batch ``(x_s, y_s)``
+and a target batch ``x_t`` (REFERENCE.md section 3):
+
+1. Source loss ``L_s = CE(f(x_s), y_s)`` (255 ignored).
+2. The mean teacher ``g`` labels the target: ``p = softmax(g(x_t))``,
+   ``y_t = argmax_c p``; the confidence weight is the share of pixels whose
+   ``max_c p >= 0.968`` -- one scalar for the whole batch (as REFERENCE.md and the DACS
+   and DAFormer code; ``weight_mode="image"`` gives one scalar per image).
+3. ClassMix: for each pair ``i``, half of the classes present in ``y_s[i]`` (DACS's
+   rounding: ``n`` classes -> ``(n + n % 2) // 2`` chosen by a random permutation) give
+   a mask ``M``; ``x_m = M x_s + (1 - M) x_t``, ``y_m = M y_s + (1 - M) y_t``, weight
+   ``w_m = M + (1 - M) w``.
+4. Strong augmentation of ``x_m``: colour jitter (0.2 each, p = 0.8) and Gaussian blur
+   (p = 0.5, sigma 0.15-1.15).
+5. Target loss ``L_t = mean over all pixels of w_m * CE(f(x_m), y_m)``; the student
+   takes a step on ``L_s + L_t``.
+6. The teacher follows: ``g <- a_t g + (1 - a_t) f``, ``a_t = min(1 - 1/(t + 1), 0.99)``.
+
+DAFormer's additions are options: ``ema_alpha=0.999``, a linear learning-rate warm-up
+(:func:`warmup_poly_lambda`, 1500 iterations), rare-class sampling of source images
+(:class:`RareClassSampler`, temperature 0.01) and ignoring the top/bottom rows of the
+pseudo label (``ignore_top``/``ignore_bottom``, DAFormer uses 15/120 on Cityscapes).
+DAFormer's ImageNet feature-distance loss is not included.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import Sampler
+
+from ..seg.datasets import IGNORE_INDEX
+from ..seg.transforms import IMAGENET_MEAN, IMAGENET_STD
+from .augment import color_jitter, denormalize, gaussian_blur, normalize
+from .ema import ema_alpha, ema_update, make_teacher
+
+__all__ = [
+    "DACSConfig",
+    "DACSTrainer",
+    "RareClassSampler",
+    "class_mix",
+    "class_mix_mask",
+    "class_pixel_counts",
+    "confidence_weight",
+    "dacs_step",
+    "pseudo_label",
+    "rare_class_probabilities",
+    "strong_augment",
+    "warmup_poly_lambda",
+]
+
+
+# ----------------------------------------------------------------------------- pieces
+def pseudo_label(logits: Tensor, size: Sequence[int] | None = None) -> tuple[Tensor, Tensor]:
+    """Teacher pseudo labels: ``(argmax class, max softmax probability)``, each ``(B, H, W)``.
+
+    Args:
+        logits: Teacher logits ``(B, K, h, w)``.
+        size: Output ``(H, W)``; logits are upsampled bilinearly first (default: as is).
+
+    Example:
+        >>> labels, confidence = pseudo_label(torch.tensor([[[[0.0]], [[2.0]]]]))
+        >>> labels.tolist(), round(confidence.item(), 4)
+        ([[[1]]], 0.8808)
+    """
+    logits = logits.detach().float()
+    if size is not None and tuple(logits.shape[-2:]) != tuple(size):
+        logits = F.interpolate(logits, size=tuple(size), mode="bilinear", align_corners=False)
+    confidence, labels = logits.softmax(dim=1).max(dim=1)
+    return labels, confidence
+
+
+def confidence_weight(max_probs: Tensor, threshold: float = 0.968, per: str = "batch") -> Tensor:
+    """DACS's pseudo-label weight: the share of pixels with ``max prob >= threshold``.
+
+    Args:
+        max_probs: ``(B, H, W)`` maximum softmax probabilities.
+        threshold: Confidence threshold (0.968).
+        per: ``"batch"`` (one scalar for the batch, DACS/DAFormer) or ``"image"``.
+
+    Returns:
+        ``(B,)`` weights (all equal for ``per="batch"``).
+
+    Example:
+        >>> probs = torch.tensor([[[0.99, 0.5], [0.968, 0.2]], [[0.1, 0.1], [0.1, 0.97]]])
+        >>> confidence_weight(probs).tolist()
+        [0.375, 0.375]
+        >>> confidence_weight(probs, per="image").tolist()
+        [0.5, 0.25]
+    """
+    confident = (max_probs >= threshold).float()
+    if per == "batch":
+        return confident.mean().expand(max_probs.shape[0]).clone()
+    if per == "image":
+        return confident.flatten(1).mean(1)
+    raise ValueError(f"per must be 'batch' or 'image', got {per!r}")
+
+
+def class_mix_mask(
+    label: Tensor, generator: torch.Generator | None = None, ignore_index: int = IGNORE_INDEX
+) -> tuple[Tensor, Tensor]:
+    """ClassMix mask of one source label: pixels of half of its classes.
+
+    The classes present (``ignore_index`` excluded) are permuted at random and the first
+    ``(n + n % 2) // 2`` kept, as DACS rounds (3 classes -> 2, 4 -> 2, 1 -> 1).
+
+    Args:
+        label: ``(H, W)`` source label.
+        generator: Source of randomness.
+        ignore_index: Label value that is never pasted.
+
+    Returns:
+        ``(mask, classes)``: a bool ``(H, W)`` mask and the chosen classes.
+
+    Example:
+        >>> mask, classes = class_mix_mask(torch.tensor([[0, 1], [2, 255]]), torch.Generator().manual_seed(0))
+        >>> len(classes), int(mask.sum())
+        (2, 2)
+    """
+    classes = torch.unique(label)
+    classes = classes[classes != ignore_index]
+    n = classes.numel()
+    chosen = classes[torch.randperm(n, generator=generator)[: (n + n % 2) // 2].to(classes.device)]
+    return torch.isin(label, chosen), chosen
+
+
+def class_mix(
+    source_images: Tensor,
+    target_images: Tensor,
+    source_labels: Tensor,
+    target_labels: Tensor,
+    target_weights: Tensor,
+    masks: Tensor,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Pastes the masked source pixels onto the target: image, label and weight.
+
+    Args:
+        source_images: ``(B, 3, H, W)``.
+        target_images: ``(B, 3, H, W)``.
+        source_labels: ``(B, H, W)``.
+        target_labels: ``(B, H, W)`` pseudo labels.
+        target_weights: ``(B, H, W)`` pseudo-label weights.
+        masks: ``(B, H, W)`` bool, True where the source is pasted.
+
+    Returns:
+        Mixed images, labels and weights (1 on pasted pixels).
+
+    Example:
+        >>> m = torch.tensor([[[True, False]]])
+        >>> img, lbl, w = class_mix(torch.ones(1, 3, 1, 2), torch.zeros(1, 3, 1, 2), torch.tensor([[[4, 5]]]),
+        ...                         torch.tensor([[[7, 8]]]), torch.full((1, 1, 2), 0.3), m)
+        >>> img[0, 0].tolist(), lbl.tolist(), w.tolist()
+        ([[1.0, 0.0]], [[[4, 8]]], [[[1.0, 0.30000001192092896]]])
+    """
+    mask = masks.to(torch.bool)
+    images = torch.where(mask[:, None], source_images, target_images)
+    labels = torch.where(mask, source_labels, target_labels)
+    weights = torch.where(mask, torch.ones_like(target_weights), target_weights)
+    return images, labels, weights
+
+
+def strong_augment(
+    images: Tensor,
+    generator: torch.Generator | None = None,
+    jitter_strength: float = 0.2,
+    jitter_p: float = 0.8,
+    blur_p: float = 0.5,
+    blur_sigma: tuple[float, float] = (0.15, 1.15),
+) -> Tensor:
+    """DACS's augmentation of the mixed ``[0, 1]`` images: colour jitter, then blur.
+
+    Example:
+        >>> x = torch.rand(2, 3, 16, 16)
+        >>> torch.equal(strong_augment(x, jitter_p=0.0, blur_p=0.0), x)
+        True
+    """
+    images = color_jitter(images, jitter_strength, p=jitter_p, generator=generator)
+    return gaussian_blur(images, p=blur_p, sigma=blur_sigma, generator=generator)
+
+
+def warmup_poly_lambda(total: int, warmup_iters: int = 1500, warmup_ratio: float = 1e-6, power: float = 1.0):
+    """DAFormer's schedule as a ``LambdaLR`` factor: linear warm-up, then ``(1 - t/T) ** power``.
+
+    Example:
+        >>> f = warmup_poly_lambda(100, warmup_iters=10)
+        >>> round(f(0), 6), round(f(5), 3), f(10), f(100)
+        (1e-06, 0.475, 0.9, 0.0)
+    """
+    from ..seg.training import poly_factor
+
+    return lambda step: poly_factor(step, total, power, warmup_iters, warmup_ratio)
+
+
+# ----------------------------------------------------------------------------- rare-class sampling
+def _label_only(dataset: Any, index: int) -> Tensor:
+    samples = getattr(dataset, "samples", None)
+    if samples is not None and hasattr(dataset, "convert_label") and hasattr(dataset, "label_table"):
+        from ..seg.datasets import read_label
+
+        stored = read_label(samples[index][1], getattr(dataset, "label_channel", None))
+        return torch.from_numpy(np.asarray(dataset.convert_label(stored, dataset.label_table(index))))
+    item = dataset.load(index) if hasattr(dataset, "load") else dataset[index]
+    return item["label"]
+
+
+def class_pixel_counts(
+    dataset: Any, num_classes: int, cache: str | os.PathLike | None = None, ignore_index: int = IGNORE_INDEX
+) -> np.ndarray:
+    """Pixels of every class in every image: an ``(N, K)`` int64 array (DAFormer's class stats).
+
+    Reads only label files when the dataset is a :class:`vfm_adapters.seg.SegmentationDataset`.
+    With ``cache`` the counts are stored as JSON and read back on the next call.
+
+    Example:
+        >>> data = [{"label": torch.tensor([[0, 0], [1, 255]])}, {"label": torch.tensor([[2, 2], [2, 2]])}]
+        >>> class_pixel_counts(data, 3).tolist()
+        [[2, 1, 0], [0, 0, 4]]
+    """
+    if cache is not None and Path(cache).is_file():
+        counts = np.asarray(json.loads(Path(cache).read_text())["counts"], dtype=np.int64)
+        if counts.shape == (len(dataset), num_classes):
+            return counts
+    counts = np.zeros((len(dataset), num_classes), dtype=np.int64)
+    for index in range(len(dataset)):
+        label = _label_only(dataset, index).flatten()
+        label = label[(label != ignore_index) & (label >= 0) & (label < num_classes)]
+        counts[index] = torch.bincount(label.long(), minlength=num_classes).numpy()
+    if cache is not None:
+        Path(cache).parent.mkdir(parents=True, exist_ok=True)
+        Path(cache).write_text(json.dumps({"counts": counts.tolist()}))
+    return counts
+
+
+def rare_class_probabilities(counts: np.ndarray, temperature: float = 0.01) -> tuple[np.ndarray, np.ndarray]:
+    """DAFormer's rare-class sampling distribution over the classes present.
+
+    ``f_c`` = pixels of ``c`` / all labelled pixels; ``P(c) = softmax((1 - f_c) / T)``.
+    Classes that never occur are left out.
+
+    Returns:
+        ``(classes, probabilities)``.
+
+    Example:
+        >>> classes, p = rare_class_probabilities(np.array([[90, 10, 0]]), temperature=0.1)
+        >>> classes.tolist(), [round(float(v), 4) for v in p]
+        ([0, 1], [0.0003, 0.9997])
+    """
+    totals = np.asarray(counts).sum(0).astype(np.float64)
+    classes = np.nonzero(totals > 0)[0]
+    freq = totals[classes] / totals[classes].sum()
+    logits = (1.0 - freq) / temperature
+    logits -= logits.max()
+    prob = np.exp(logits)
+    return classes, prob / prob.sum()
+
+
+class RareClassSampler(Sampler):
+    """Source indices drawn by rare-class sampling: a class by :func:`rare_class_probabilities`,
+    then uniformly an image holding more than ``min_pixels`` of it (DAFormer: 3000).
+
+    Classes with no such image are dropped from the distribution (renormalised).
+    DAFormer also re-draws the crop until it holds half of ``min_pixels`` of the class;
+    that lives in the crop transform and is not done here.
+
+    Args:
+        counts: ``(N, K)`` class pixel counts (:func:`class_pixel_counts`).
+        temperature: Softmax temperature (0.01).
+        min_pixels: Pixels of the class an image needs to be drawn for it.
+        length: Number of indices per iteration over the sampler.
+        seed: Seed.
+
+    Example:
+        >>> counts = np.array([[5000, 0], [5000, 0], [5000, 4000]])
+        >>> s = RareClassSampler(counts, min_pixels=3000, length=20, seed=0)
+        >>> sorted(set(s)), round(float(s.probabilities[1]), 3)  # the rare class 1 is only in image 2
+        ([2], 1.0)
+    """
+
+    def __init__(self, counts: np.ndarray, temperature: float = 0.01, min_pixels: int = 3000,
+                 length: int = 1000, seed: int = 0) -> None:
+        counts = np.asarray(counts)
+        classes, prob = rare_class_probabilities(counts, temperature)
+        self.images = {int(c): np.nonzero(counts[:, c] > min_pixels)[0] for c in classes}
+        keep = np.array([len(self.images[int(c)]) > 0 for c in classes], dtype=bool)
+        if not keep.any():
+            raise ValueError(f"no image holds more than {min_pixels} pixels of any class; lower min_pixels")
+        self.classes, prob = classes[keep], prob[keep]
+        self.probabilities = prob / prob.sum()
+        self.length, self.seed, self.epoch = int(length), int(seed), 0
+
+    def __iter__(self) -> Iterator[int]:
+        rng = np.random.default_rng([self.seed, self.epoch])
+        self.epoch += 1
+        for _ in range(self.length):
+            c = int(rng.choice(self.classes, p=self.probabilities))
+            yield int(rng.choice(self.images[c]))
+
+    def __len__(self) -> int:
+        return self.length
+
+
+# ----------------------------------------------------------------------------- the step
+@dataclass
+class DACSConfig:
+    """Options of a DACS step; defaults are DACS's, see :meth:`daformer` for DAFormer's.
+
+    Attributes:
+        threshold: Pseudo-label confidence threshold (0.968).
+        weight_mode: ``"batch"`` (one confidence weight per batch) or ``"image"``.
+        ema_alpha: Cap of the teacher's EMA coefficient (DACS 0.99, DAFormer 0.999).
+        ema_ramp: ``alpha_t = min(1 - 1/(t+1), ema_alpha)`` (both papers' code); False = fixed alpha.
+        jitter_strength: Colour jitter range (0.2 for brightness, contrast, saturation, hue).
+        jitter_p: Probability of jittering a mixed batch (0.8).
+        blur_p: Probability of blurring a mixed batch (0.5).
+        blur_sigma: Blur sigma range (0.15, 1.15).
+        ignore_top: Rows at the top of the pseudo label with weight 0 (DAFormer on Cityscapes: 15).
+        ignore_bottom: Rows at the bottom with weight 0 (DAFormer on Cityscapes: 120).
+        mean: Normalisation mean on the 0..255 scale (to undo/redo it around augmentation).
+        std: Normalisation std on the 0..255 scale.
+        ignore_index: Ignored label.
+        seed: Seed of the step's generator (ClassMix, augmentation).
+    """
+
+    threshold: float = 0.968
+    weight_mode: str = "batch"
+    ema_alpha: float = 0.99
+    ema_ramp: bool = True
+    jitter_strength: float = 0.2
+    jitter_p: float = 0.8
+    blur_p: float = 0.5
+    blur_sigma: tuple[float, float] = (0.15, 1.15)
+    ignore_top: int = 0
+    ignore_bottom: int = 0
+    mean: tuple[float, float, float] = field(default=IMAGENET_MEAN)
+    std: tuple[float, float, float] = field(default=IMAGENET_STD)
+    ignore_index: int = IGNORE_INDEX
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.weight_mode not in ("batch", "image"):
+            raise ValueError(f"weight_mode must be 'batch' or 'image', got {self.weight_mode!r}")
+        if not 0.0 <= self.ema_alpha <= 1.0:
+            raise ValueError(f"ema_alpha must be in [0, 1], got {self.ema_alpha}")
+        self.blur_sigma = tuple(float(s) for s in self.blur_sigma)
+        self.mean, self.std = tuple(float(v) for v in self.mean), tuple(float(v) for v in self.std)
+
+    @classmethod
+    def daformer(cls, **overrides: Any) -> "DACSConfig":
+        """DAFormer's settings: EMA 0.999 and the Cityscapes top/bottom pseudo-label crop.
+
+        Example:
+            >>> DACSConfig.daformer().ema_alpha, DACSConfig.daformer(ignore_bottom=0).ignore_top
+            (0.999, 15)
+        """
+        return cls(**{"ema_alpha": 0.999, "ignore_top": 15, "ignore_bottom": 120, **overrides})
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> "DACSConfig":
+        """Builds a config from a mapping, refusing unknown keys."""
+        accepted = set(cls.__dataclass_fields__)
+        unknown = sorted(set(values) - accepted)
+        if unknown:
+            raise ValueError(f"unknown DACS option(s) {unknown}; accepted: {sorted(accepted)}")
+        return cls(**dict(values))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+
+def _logits_at(model: nn.Module, images: Tensor, size: Sequence[int]) -> Tensor:
+    logits = model(images)
+    if tuple(logits.shape[-2:]) != tuple(size):
+        logits = F.interpolate(logits, size=tuple(size), mode="bilinear", align_corners=False)
+    return logits
+
+
+def dacs_step(
+    student: nn.Module,
+    teacher: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    source_images: Tensor,
+    source_labels: Tensor,
+    target_images: Tensor,
+    step: int,
+    config: DACSConfig | None = None,
+    generator: torch.Generator | None = None,
+    scheduler: Any | None = None,
+    update_teacher: bool = True,
+) -> dict[str, Any]:
+    """One DACS training step: source CE + weighted CE on the ClassMixed batch, then EMA.
+
+    Args:
+        student: The segmentor being trained (normalised images -> logits).
+        teacher: Its mean teacher (:func:`vfm_adapters.adaptation.ema.make_teacher`).
+        optimizer: Optimiser of the student's trainable parameters.
+        source_images: Normalised ``(B, 3, H, W)`` source images.
+        source_labels: ``(B, H, W)`` source labels (255 ignored).
+        target_images: Normalised ``(B', 3, H, W)`` target images (pair ``i`` uses
+            target ``i % B'``).
+        step: 0-based index of this step (sets the EMA coefficient).
+        config: Options (default :class:`DACSConfig`).
+        generator: Randomness of ClassMix and the augmentation.
+        scheduler: Stepped after the optimiser if given.
+        update_teacher: Apply the EMA update after the step.
+
+    Returns:
+        ``{"loss", "loss_source", "loss_target", "pseudo_weight", "alpha", "mixed_images",
+        "mixed_labels", "mixed_weights", "masks"}`` (losses as floats, the rest detached).
+
+    Example:
+        >>> from torch import nn
+        >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+        <...>
+        >>> student = nn.Conv2d(3, 4, 1)
+        >>> teacher = make_teacher(student)
+        >>> opt = torch.optim.SGD(student.parameters(), lr=0.1)
+        >>> out = dacs_step(student, teacher, opt, torch.randn(2, 3, 8, 8), torch.randint(0, 4, (2, 8, 8)),
+        ...                 torch.randn(2, 3, 8, 8), step=0, generator=torch.Generator().manual_seed(0))
+        >>> sorted(k for k in out if k.startswith("loss")), out["alpha"]
+        (['loss', 'loss_source', 'loss_target'], 0.0)
+    """
+    config = config or DACSConfig()
+    size = source_labels.shape[-2:]
+    if tuple(source_images.shape[-2:]) != tuple(size) or tuple(target_images.shape[-2:]) != tuple(size):
+        raise ValueError(f"source images {tuple(source_images.shape[-2:])}, labels {tuple(size)} and target images "
+                         f"{tuple(target_images.shape[-2:])} must have the same size (crop both to one size)")
+    batch = source_images.shape[0]
+    target_images = target_images[torch.arange(batch, device=target_images.device) % target_images.shape[0]]
+
+    student.train()
+    source_logits = _logits_at(student, source_images, size)
+    valid = source_labels != config.ignore_index
+    if bool(valid.any()):
+        loss_source = F.cross_entropy(source_logits.float(), source_labels, ignore_index=config.ignore_index)
+    else:
+        loss_source = source_logits.sum() * 0.0
+
+    with torch.no_grad():
+        teacher.eval()
+        labels_t, confidence = pseudo_label(teacher(target_images), size)
+        weight = confidence_weight(confidence, config.threshold, config.weight_mode)
+        weights_t = weight.view(-1, 1, 1).expand_as(confidence).clone()
+        if config.ignore_top > 0:
+            weights_t[:, : config.ignore_top] = 0
+        if config.ignore_bottom > 0:
+            weights_t[:, -config.ignore_bottom :] = 0
+        masks = torch.stack([class_mix_mask(label, generator, config.ignore_index)[0] for label in source_labels])
+        raw_source = denormalize(source_images.detach().float(), config.mean, config.std)
+        raw_target = denormalize(target_images.detach().float(), config.mean, config.std)
+        mixed, mixed_labels, mixed_weights = class_mix(raw_source, raw_target, source_labels, labels_t, weights_t, masks)
+        mixed = strong_augment(mixed.clamp(0, 1), generator, config.jitter_strength, config.jitter_p,
+                               config.blur_p, config.blur_sigma)
+        mixed = normalize(mixed, config.mean, config.std).to(source_images.dtype)
+
+    mixed_logits = _logits_at(student, mixed, size)
+    pixel_loss = F.cross_entropy(mixed_logits.float(), mixed_labels, ignore_index=config.ignore_index, reduction="none")
+    loss_target = (pixel_loss * mixed_weights).mean()
+    loss = loss_source + loss_target
+
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    if scheduler is not None:
+        scheduler.step()
+    alpha = ema_alpha(step, config.ema_alpha, config.ema_ramp)
+    if update_teacher:
+        ema_update(teacher, student, alpha)
+    return {
+        "loss": float(loss.detach()), "loss_source": float(loss_source.detach()),
+        "loss_target": float(loss_target.detach()), "pseudo_weight": float(weight.mean()), "alpha": alpha,
+        "mixed_images": mixed.detach(), "mixed_labels": mixed_labels.detach(), "mixed_weights": mixed_weights.detach(),
+        "masks": masks,
+    }
+
+
+class DACSTrainer:
+    """Holds the student, its mean teacher, the optimiser and the step counter.
+
+    Args:
+        segmentor: The student (normalised images -> logits); trained in place.
+        optimizer: Optimiser of its trainable parameters (default: AdamW, lr 6e-5, wd 0.01
+            over every parameter requiring gradients).
+        config: :class:`DACSConfig` (or a mapping of its fields).
+        scheduler: Optional learning-rate scheduler, stepped every step.
+        teacher: An existing teacher (default: :func:`make_teacher` of the segmentor).
+
+    Example:
+        >>> from torch import nn
+        >>> trainer = DACSTrainer(nn.Conv2d(3, 2, 1), config={"seed": 1})
+        >>> out = trainer.step(torch.randn(1, 3, 4, 4), torch.zeros(1, 4, 4, dtype=torch.long), torch.randn(1, 3, 4, 4))
+        >>> trainer.iteration, out["alpha"]
+        (1, 0.0)
+    """
+
+    def __init__(
+        self,
+        segmentor: nn.Module,
+        optimizer: torch.optim.Optimizer | None = None,
+        config: DACSConfig | Mapping[str, Any] | None = None,
+        scheduler: Any | None = None,
+        teacher: nn.Module | None = None,
+    ) -> None:
+        self.student = segmentor
+        self.config = config if isinstance(config, DACSConfig) else DACSConfig.from_dict(config or {})
+        self.teacher = teacher if teacher is not None else make_teacher(segmentor)
+        if optimizer is None:
+            params = [p for p in segmentor.parameters() if p.requires_grad]
+            optimizer = torch.optim.AdamW(params, lr=6e-5, weight_decay=0.01)
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        self.generator = torch.Generator().manual_seed(self.config.seed)
+        self.iteration = 0
+
+    def step(self, source_images: Tensor, source_labels: Tensor, target_images: Tensor) -> dict[str, Any]:
+        """One step of :func:`dacs_step`; returns its dict."""
+        out = dacs_step(self.student, self.teacher, self.optimizer, source_images, source_labels, target_images,
+                        self.iteration, self.config, self.generator, self.scheduler)
+        self.iteration += 1
+        return out

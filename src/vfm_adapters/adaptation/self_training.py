@@ -1,0 +1,438 @@
+"""Self-training on unlabelled (e.g. generated) images with an EMA decode-head teacher (CLOUDS).
+
+CLOUDS (REFERENCE.md section 4) trains in two stages: a segmentor on the labelled source
+alone, then the same model on source + unlabelled images (about 5k Stable-Diffusion
+street scenes, see :mod:`vfm_adapters.adaptation.generate`). In stage 2, per step:
+
+1. the teacher -- an EMA copy of the *decode head only*, sharing the frozen backbone --
+   predicts the clean unlabelled image: ``y_u = argmax g(x_u)``;
+2. optionally :class:`~vfm_adapters.adaptation.sam_refine.SamRefiner` refines ``y_u``
+   (kept SAM masks only, everything else 255);
+3. the student sees a colour-augmented copy ``A(x_u)`` and is trained with
+   ``L = L_sup(x_s, y_s) + lambda * L_sup(A(x_u), y_u)``;
+4. every ``ema_interval`` (100) steps: ``g <- 0.999 g + 0.001 f`` (decode head only).
+
+The model protocol is small: ``model.encoder(images)`` gives features (frozen, so they are
+computed without gradients when nothing in the encoder trains), ``model.decoder(features)``
+gives the head's output, and ``model.decoder.logits(output, size)`` /
+``model.decoder.loss(output, labels)`` turn it into scores and a loss.
+:class:`FeatureSegmentor` (a timm ``features_only`` backbone such as CLIP ConvNeXt-L +
+a head) and :func:`from_segmentor` (a :class:`vfm_adapters.seg.Segmentor` or
+``Mask2FormerSegmentor``) provide it.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import Dataset
+
+from ..seg.datasets import IGNORE_INDEX, IMAGE_SUFFIXES, read_image
+from ..seg.transforms import IMAGENET_MEAN, IMAGENET_STD
+from .augment import denormalize, normalize
+from .dacs import strong_augment
+from .ema import ema_update, make_teacher
+from .sam_refine import SamRefiner
+
+__all__ = [
+    "CLIP_CONVNEXT_L",
+    "CLIP_MEAN",
+    "CLIP_STD",
+    "DecodeHead",
+    "FeatureSegmentor",
+    "SelfTrainer",
+    "SelfTrainingConfig",
+    "TimmFeatureEncoder",
+    "UnlabelledFolder",
+    "from_segmentor",
+    "self_training_step",
+]
+
+#: OpenCLIP ConvNeXt-L (``convnext_large_d_320``, LAION-2B, "ft soup") in timm: the CLIP
+#: ConvNeXt-L image tower behind FC-CLIP and CLOUDS.
+CLIP_CONVNEXT_L = "convnext_large_mlp.clip_laion2b_ft_soup_320"
+#: CLIP's normalisation on the 0..255 scale.
+CLIP_MEAN = (122.7709383, 116.7460125, 104.09373615)
+CLIP_STD = (68.5005327, 66.6321579, 70.32316305)
+
+
+class UnlabelledFolder(Dataset):
+    """Images of a folder (recursively), without labels: ``{"image": uint8 (3, H, W), "path"}``.
+
+    Args:
+        root: The folder (e.g. generated street scenes).
+        transform: Optional ``transform(sample, rng=...)`` (the seg transforms work on
+            samples without a label).
+        recursive: Also read sub-folders.
+
+    Example:
+        >>> import tempfile; from PIL import Image
+        >>> root = tempfile.mkdtemp()
+        >>> Image.new("RGB", (5, 4)).save(f"{root}/a.png")
+        >>> data = UnlabelledFolder(root)
+        >>> len(data), data[0]["image"].shape, "label" in data[0]
+        (1, torch.Size([3, 4, 5]), False)
+    """
+
+    def __init__(self, root: str | os.PathLike, transform: Callable | None = None, recursive: bool = True) -> None:
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"unlabelled image folder {self.root} does not exist")
+        pattern = self.root.rglob("*") if recursive else self.root.glob("*")
+        self.files = sorted(p for p in pattern if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        if not self.files:
+            raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {self.root}")
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def load(self, index: int) -> dict[str, Any]:
+        """The raw image ``index`` (no transform)."""
+        return {"image": read_image(self.files[index]), "path": str(self.files[index])}
+
+    def get(self, index: int, rng: np.random.Generator | None = None) -> dict[str, Any]:
+        sample = self.load(index)
+        return self.transform(sample, rng=rng) if self.transform is not None else sample
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return self.get(index)
+
+
+class TimmFeatureEncoder(nn.Module):
+    """A timm ``features_only`` backbone giving 4 maps (strides 4/8/16/32 for a ConvNeXt).
+
+    Args:
+        name: timm model name (default: CLIP ConvNeXt-L, :data:`CLIP_CONVNEXT_L`).
+        pretrained: Load timm's pretrained weights (needs a download).
+        out_indices: Stages to return.
+        frozen: Freeze every weight and keep the module in eval mode (CLOUDS).
+        **kwargs: Passed to ``timm.create_model``.
+
+    Example:
+        >>> enc = TimmFeatureEncoder("convnext_atto", out_indices=(0, 1, 2, 3))
+        >>> [tuple(f.shape[1:]) for f in enc(torch.randn(1, 3, 64, 64))], enc.channels
+        ([(40, 16, 16), (80, 8, 8), (160, 4, 4), (320, 2, 2)], [40, 80, 160, 320])
+    """
+
+    def __init__(self, name: str = CLIP_CONVNEXT_L, pretrained: bool = False, out_indices: Sequence[int] = (0, 1, 2, 3),
+                 frozen: bool = True, **kwargs: Any) -> None:
+        super().__init__()
+        import timm
+
+        self.model = timm.create_model(name, pretrained=pretrained, features_only=True,
+                                       out_indices=tuple(out_indices), **kwargs)
+        self.channels = list(self.model.feature_info.channels())
+        self.reductions = list(self.model.feature_info.reduction())
+        self.frozen = bool(frozen)
+        if self.frozen:
+            for param in self.model.parameters():
+                param.requires_grad_(False)
+            self.model.eval()
+
+    def train(self, mode: bool = True) -> "TimmFeatureEncoder":
+        super().train(mode)
+        if self.frozen:
+            self.model.eval()
+        return self
+
+    def forward(self, images: Tensor) -> list[Tensor]:
+        return list(self.model(images))
+
+
+class DecodeHead(nn.Module):
+    """Optional neck + head over a list of feature maps; knows how to score and to train the output.
+
+    Works with the light heads of :mod:`vfm_adapters.seg.heads` (logits) and with
+    :class:`vfm_adapters.seg.mask2former.Mask2FormerHead` (a ``Mask2FormerOutput``: scores via
+    ``head.predict``, loss via ``head.loss``, i.e. Hungarian matching on pseudo labels).
+
+    Example:
+        >>> from vfm_adapters.seg import LinearHead
+        >>> head = DecodeHead(LinearHead([4, 4], num_classes=3))
+        >>> out = head([torch.randn(1, 4, 8, 8), torch.randn(1, 4, 4, 4)])
+        >>> head.logits(out, (16, 16)).shape
+        torch.Size([1, 3, 16, 16])
+    """
+
+    def __init__(self, head: nn.Module, neck: nn.Module | None = None, ignore_index: int = IGNORE_INDEX) -> None:
+        super().__init__()
+        self.neck = neck
+        self.head = head
+        self.ignore_index = ignore_index
+
+    def forward(self, features: Sequence[Tensor]) -> Any:
+        maps = self.neck(features) if self.neck is not None else features
+        return self.head(maps)
+
+    def logits(self, output: Any, size: Sequence[int]) -> Tensor:
+        """Per-pixel class scores ``(B, K, H, W)`` at ``size``."""
+        if isinstance(output, Tensor):
+            if tuple(output.shape[-2:]) != tuple(size):
+                output = F.interpolate(output, size=tuple(size), mode="bilinear", align_corners=False)
+            return output
+        return self.head.predict(output, size=tuple(size))
+
+    def loss(self, output: Any, labels: Tensor) -> Tensor:
+        """Cross-entropy (255 ignored) for logits, the head's own loss otherwise."""
+        if not isinstance(output, Tensor):
+            return self.head.loss(output, labels)
+        logits = self.logits(output, labels.shape[-2:]).float()
+        if not bool((labels != self.ignore_index).any()):
+            return logits.sum() * 0.0
+        return F.cross_entropy(logits, labels, ignore_index=self.ignore_index)
+
+
+class FeatureSegmentor(nn.Module):
+    """``encoder`` (list of maps) + ``decoder`` (:class:`DecodeHead`) -> logits at the image size.
+
+    Example:
+        >>> from vfm_adapters.seg import FPNHead
+        >>> enc = TimmFeatureEncoder("convnext_atto")
+        >>> seg = FeatureSegmentor(enc, DecodeHead(FPNHead(enc.channels, num_classes=5, channels=16)))
+        >>> seg(torch.randn(1, 3, 64, 64)).shape
+        torch.Size([1, 5, 64, 64])
+    """
+
+    def __init__(self, encoder: nn.Module, decoder: DecodeHead) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.decoder = decoder
+
+    def encoder_trainable(self) -> bool:
+        return any(p.requires_grad for p in self.encoder.parameters())
+
+    def encode(self, images: Tensor) -> Any:
+        """Encoder features; without gradients when the encoder is frozen."""
+        if self.encoder_trainable():
+            return self.encoder(images)
+        with torch.no_grad():
+            return self.encoder(images)
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.decoder.logits(self.decoder(self.encode(images)), images.shape[-2:])
+
+    def decode_modules(self) -> nn.ModuleDict:
+        """The trained part (the decode head), as :class:`vfm_adapters.seg.Segmentor` names it."""
+        return nn.ModuleDict({"decoder": self.decoder})
+
+
+def from_segmentor(segmentor: nn.Module) -> FeatureSegmentor:
+    """A :class:`FeatureSegmentor` view of a ``seg.Segmentor`` / ``Mask2FormerSegmentor`` (modules shared).
+
+    The encoder is the segmentor's ``features`` (host + adapters), the decoder its neck +
+    head. A Mask2Former head whose queries come from Rein is refused: its decoder would
+    depend on the backbone's tokens, and CLOUDS' teacher is the decode head alone.
+
+    Example:
+        >>> import timm
+        >>> from vfm_adapters.seg import Segmentor
+        >>> vit = timm.create_model("vit_tiny_patch16_224", depth=2, img_size=32)
+        >>> seg = Segmentor(vit, num_classes=3, head_channels=8).eval()
+        >>> view = from_segmentor(seg)
+        >>> view.decoder.head is seg.head, view(torch.randn(2, 3, 32, 32)).shape
+        (True, torch.Size([2, 3, 32, 32]))
+    """
+    head = segmentor.head
+    if getattr(head, "link_rein_queries", False):
+        raise ValueError("a Mask2Former head linked to Rein's queries cannot have a decode-head-only teacher; "
+                         "build the segmentor with link_rein_queries=False")
+    return FeatureSegmentor(segmentor.features, DecodeHead(head, segmentor.neck))
+
+
+@dataclass
+class SelfTrainingConfig:
+    """Options of the self-training stage (defaults: CLOUDS).
+
+    Attributes:
+        ema_alpha: EMA coefficient of the decode-head teacher (0.999).
+        ema_interval: Update the teacher every this many steps (100).
+        unlabelled_weight: Weight ``lambda`` of the unlabelled loss (1).
+        source_weight: Weight of the labelled source loss (1).
+        jitter_strength: Colour jitter of the student's copy (brightness/contrast/saturation/hue).
+        jitter_p: Probability of jittering a batch.
+        blur_p: Probability of blurring a batch.
+        blur_sigma: Blur sigma range.
+        mean: Normalisation mean (0..255 scale) of the model's inputs.
+        std: Normalisation std (0..255 scale).
+        ignore_index: Ignored label.
+        seed: Seed of the augmentation.
+    """
+
+    ema_alpha: float = 0.999
+    ema_interval: int = 100
+    unlabelled_weight: float = 1.0
+    source_weight: float = 1.0
+    jitter_strength: float = 0.2
+    jitter_p: float = 0.8
+    blur_p: float = 0.5
+    blur_sigma: tuple[float, float] = (0.15, 1.15)
+    mean: tuple[float, float, float] = field(default=IMAGENET_MEAN)
+    std: tuple[float, float, float] = field(default=IMAGENET_STD)
+    ignore_index: int = IGNORE_INDEX
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.ema_interval < 1:
+            raise ValueError(f"ema_interval must be at least 1, got {self.ema_interval}")
+        if not 0.0 <= self.ema_alpha <= 1.0:
+            raise ValueError(f"ema_alpha must be in [0, 1], got {self.ema_alpha}")
+        self.blur_sigma = tuple(float(s) for s in self.blur_sigma)
+        self.mean, self.std = tuple(float(v) for v in self.mean), tuple(float(v) for v in self.std)
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> "SelfTrainingConfig":
+        accepted = set(cls.__dataclass_fields__)
+        unknown = sorted(set(values) - accepted)
+        if unknown:
+            raise ValueError(f"unknown self-training option(s) {unknown}; accepted: {sorted(accepted)}")
+        return cls(**dict(values))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+
+@torch.no_grad()
+def teacher_labels(model: FeatureSegmentor, teacher: DecodeHead, images: Tensor) -> Tensor:
+    """The teacher decode head's argmax on the (clean) images, over the shared encoder."""
+    teacher.eval()
+    features = model.encoder(images)
+    return teacher.logits(teacher(features), images.shape[-2:]).argmax(dim=1)
+
+
+def self_training_step(
+    model: FeatureSegmentor,
+    teacher: DecodeHead,
+    optimizer: torch.optim.Optimizer,
+    source_images: Tensor | None,
+    source_labels: Tensor | None,
+    unlabelled_images: Tensor,
+    step: int,
+    config: SelfTrainingConfig | None = None,
+    refiner: SamRefiner | None = None,
+    generator: torch.Generator | None = None,
+    scheduler: Any | None = None,
+    grad_clip: float | None = None,
+) -> dict[str, Any]:
+    """One self-training step (see the module docstring).
+
+    Args:
+        model: Student (``encoder`` + ``decoder``), e.g. a :class:`FeatureSegmentor`.
+        teacher: EMA copy of ``model.decoder`` (:func:`~vfm_adapters.adaptation.ema.make_teacher`).
+        optimizer: Optimiser of the trainable parameters.
+        source_images: Normalised labelled images, or ``None`` for unlabelled-only steps.
+        source_labels: Their labels.
+        unlabelled_images: Normalised unlabelled images (clean; augmented here).
+        step: 0-based step index; the teacher is updated when ``(step + 1) % ema_interval == 0``.
+        config: :class:`SelfTrainingConfig`.
+        refiner: Optional SAM refinement of the pseudo labels.
+        generator: Randomness of the augmentation.
+        scheduler: Stepped after the optimiser if given.
+        grad_clip: Max gradient norm (CLOUDS: 0.01), ``None`` for none.
+
+    Returns:
+        ``{"loss", "loss_source", "loss_unlabelled", "teacher_updated", "pseudo_labels",
+        "augmented_images"}``.
+
+    Example:
+        >>> from vfm_adapters.seg import LinearHead
+        >>> enc = TimmFeatureEncoder("convnext_atto", out_indices=(0,))
+        >>> model = FeatureSegmentor(enc, DecodeHead(LinearHead(enc.channels, num_classes=3)))
+        >>> teacher = make_teacher(model.decoder)
+        >>> opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+        >>> out = self_training_step(model, teacher, opt, torch.randn(1, 3, 32, 32), torch.zeros(1, 32, 32,
+        ...     dtype=torch.long), torch.randn(1, 3, 32, 32), step=0, config=SelfTrainingConfig(ema_interval=1))
+        >>> out["teacher_updated"], out["pseudo_labels"].shape
+        (True, torch.Size([1, 32, 32]))
+    """
+    config = config or SelfTrainingConfig()
+    pseudo = teacher_labels(model, teacher, unlabelled_images)
+    if refiner is not None:
+        raw = denormalize(unlabelled_images.detach().float(), config.mean, config.std) * 255.0
+        pseudo = refiner(raw.clamp(0, 255), pseudo, start_index=step * unlabelled_images.shape[0])
+    with torch.no_grad():
+        augmented = denormalize(unlabelled_images.detach().float(), config.mean, config.std).clamp(0, 1)
+        augmented = strong_augment(augmented, generator, config.jitter_strength, config.jitter_p, config.blur_p,
+                                   config.blur_sigma)
+        augmented = normalize(augmented, config.mean, config.std).to(unlabelled_images.dtype)
+
+    model.train()
+    loss_unlabelled = model.decoder.loss(model.decoder(model.encode(augmented)), pseudo)
+    loss = config.unlabelled_weight * loss_unlabelled
+    loss_source = torch.zeros(())
+    if source_images is not None:
+        loss_source = model.decoder.loss(model.decoder(model.encode(source_images)), source_labels)
+        loss = loss + config.source_weight * loss_source
+
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip:
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], grad_clip)
+    optimizer.step()
+    if scheduler is not None:
+        scheduler.step()
+    updated = (step + 1) % config.ema_interval == 0
+    if updated:
+        ema_update(teacher, model.decoder, config.ema_alpha)
+    return {"loss": float(loss.detach()), "loss_source": float(loss_source.detach()),
+            "loss_unlabelled": float(loss_unlabelled.detach()), "teacher_updated": updated,
+            "pseudo_labels": pseudo.detach(), "augmented_images": augmented.detach()}
+
+
+class SelfTrainer:
+    """Holds the student, the decode-head teacher, the optimiser, the refiner and the step counter.
+
+    Build it after the source-only stage: the teacher starts as a copy of the trained head.
+
+    Args:
+        model: A :class:`FeatureSegmentor` (or :func:`from_segmentor` of a seg segmentor).
+        optimizer: Default AdamW (lr 1e-5, wd 0.05, CLOUDS) over trainable parameters.
+        config: :class:`SelfTrainingConfig` or a mapping of its fields.
+        refiner: Optional :class:`SamRefiner`.
+        scheduler: Optional scheduler stepped every step.
+        grad_clip: Gradient norm clip (CLOUDS: 0.01).
+
+    Example:
+        >>> from vfm_adapters.seg import LinearHead
+        >>> enc = TimmFeatureEncoder("convnext_atto", out_indices=(0,))
+        >>> trainer = SelfTrainer(FeatureSegmentor(enc, DecodeHead(LinearHead(enc.channels, 3))))
+        >>> out = trainer.step(torch.randn(1, 3, 32, 32), torch.zeros(1, 32, 32, dtype=torch.long),
+        ...                    torch.randn(1, 3, 32, 32))
+        >>> trainer.iteration, out["teacher_updated"]
+        (1, False)
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer | None = None,
+        config: SelfTrainingConfig | Mapping[str, Any] | None = None,
+        refiner: SamRefiner | None = None,
+        scheduler: Any | None = None,
+        grad_clip: float | None = None,
+    ) -> None:
+        if not (hasattr(model, "encoder") and hasattr(model, "decoder")):
+            model = from_segmentor(model)
+        self.model = model
+        self.config = config if isinstance(config, SelfTrainingConfig) else SelfTrainingConfig.from_dict(config or {})
+        self.teacher = make_teacher(model.decoder)
+        if optimizer is None:
+            optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, weight_decay=0.05)
+        self.optimizer, self.scheduler, self.refiner, self.grad_clip = optimizer, scheduler, refiner, grad_clip
+        self.generator = torch.Generator().manual_seed(self.config.seed)
+        self.iteration = 0
+
+    def step(self, source_images: Tensor | None, source_labels: Tensor | None, unlabelled_images: Tensor) -> dict[str, Any]:
+        """One :func:`self_training_step`; returns its dict."""
+        out = self_training_step(self.model, self.teacher, self.optimizer, source_images, source_labels,
+                                 unlabelled_images, self.iteration, self.config, self.refiner, self.generator,
+                                 self.scheduler, self.grad_clip)
+        self.iteration += 1
+        return out
