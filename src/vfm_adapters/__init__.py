@@ -14,6 +14,7 @@ __version__ = "0.1.0"
 
 from .api import inject_rein
 from .checkpoint import adapter_state_dict, load_adapters, read_adapter_config, save_adapters
+from .domain import DEFAULT_DRIVING_DOMAINS, DomainEmbedder, condition_prompts, domain_embedding
 from .hosts import HostSpec, UnsupportedModelError, describe_host, register_host, supported_families
 from .methods import (
     AdapterError,
@@ -24,28 +25,51 @@ from .methods import (
     rein_queries,
     remove_adapters,
 )
+from .methods.domino import DominoConfig, DominoNorm, inject_domain_rein, inject_domino, set_domain_embedding
+from .methods.adaptformer import AdaptFormerConfig, inject_adaptformer
+from .methods.lora import LoRAConfig, inject_lora, lora_layers, merge_lora, save_lora_for_peft, unmerge_lora
+from .methods.vpt import VPTConfig, inject_vpt
 from .report import format_count, parameter_report, trainable_parameters
 
 __all__ = [
-    "AdapterError",
-    "HostSpec",
-    "ReinConfig",
-    "UnsupportedModelError",
     "__version__",
     "adapter_parameters",
     "adapter_state_dict",
+    "AdapterError",
+    "AdaptFormerConfig",
     "available_methods",
+    "condition_prompts",
+    "DEFAULT_DRIVING_DOMAINS",
     "describe_host",
+    "domain_embedding",
+    "DomainEmbedder",
+    "DominoConfig",
+    "DominoNorm",
     "format_count",
+    "HostSpec",
+    "inject_adaptformer",
+    "inject_domain_rein",
+    "inject_domino",
+    "inject_lora",
     "inject_rein",
+    "inject_vpt",
     "injected_methods",
     "load_adapters",
+    "lora_layers",
+    "LoRAConfig",
+    "merge_lora",
     "parameter_report",
     "read_adapter_config",
-    "rein_queries",
     "register_host",
+    "rein_queries",
+    "ReinConfig",
     "remove_adapters",
     "save_adapters",
+    "save_lora_for_peft",
+    "set_domain_embedding",
     "supported_families",
     "trainable_parameters",
+    "unmerge_lora",
+    "UnsupportedModelError",
+    "VPTConfig",
 ]

@@ -14,20 +14,42 @@ from .base import (
     remove_adapters,
 )
 from .rein import Rein, ReinConfig, rein_queries
+from .lora import LoRAConfig, inject_lora, lora_layers, merge_lora, save_lora_for_peft, unmerge_lora
+from .vpt import VisualPrompts, VPTConfig, inject_vpt
+from .adaptformer import AdaptFormer, AdaptFormerConfig, inject_adaptformer
+from .domino import DomainReinConfig, DominoConfig, DominoNorm, inject_domain_rein, inject_domino, set_domain_embedding
 
 __all__ = [
+    "adapter_parameters",
     "AdapterError",
     "AdapterMethod",
+    "AdaptFormer",
+    "AdaptFormerConfig",
     "Attachment",
-    "MethodConfig",
-    "Rein",
-    "ReinConfig",
-    "adapter_parameters",
     "available_methods",
+    "DomainReinConfig",
+    "DominoConfig",
+    "DominoNorm",
     "get_method",
     "inject",
+    "inject_adaptformer",
+    "inject_domain_rein",
+    "inject_domino",
+    "inject_lora",
+    "inject_vpt",
     "injected_methods",
+    "lora_layers",
+    "LoRAConfig",
+    "merge_lora",
+    "MethodConfig",
     "register_method",
+    "Rein",
     "rein_queries",
+    "ReinConfig",
     "remove_adapters",
+    "save_lora_for_peft",
+    "set_domain_embedding",
+    "unmerge_lora",
+    "VisualPrompts",
+    "VPTConfig",
 ]
