@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +19,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ._io import write_atomically
 from .hosts import describe_host
 from .methods.base import (
     AdapterError,
@@ -53,29 +53,6 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         for key, tensor in get_method(name).state_dict(model, attachment).items():
             tensors[f"{name}.{key}"] = tensor
     return tensors
-
-
-def _default_file_mode() -> int:
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
-def _write_atomically(path: Path, write) -> None:
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
-        write(temporary)
-        # mkstemp creates 0600 files (and some writers recreate the file): give the result
-        # the permissions a plain open() would.
-        os.chmod(temporary, _default_file_mode())
-        with open(temporary, "rb") as stream:
-            os.fsync(stream.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-        raise
 
 
 def save_adapters(model: nn.Module, directory: str | os.PathLike) -> Path:
@@ -112,8 +89,8 @@ def save_adapters(model: nn.Module, directory: str | os.PathLike) -> Path:
     }
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    _write_atomically(directory / WEIGHTS_NAME, lambda path: save_file(tensors, path, metadata={"format": "pt"}))
-    _write_atomically(
+    write_atomically(directory / WEIGHTS_NAME, lambda path: save_file(tensors, path, metadata={"format": "pt"}))
+    write_atomically(
         directory / CONFIG_NAME,
         lambda path: Path(path).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n"),
     )

@@ -498,7 +498,7 @@ def save_lora_for_peft(model: nn.Module, directory: str | os.PathLike) -> Path:
     from peft import LoraConfig as PeftLoraConfig
     from safetensors.torch import save_file
 
-    from ..checkpoint import _write_atomically
+    from .._io import write_atomically
 
     state = injection_state(model)
     attachment = _lora_attachment(model)
@@ -529,9 +529,9 @@ def save_lora_for_peft(model: nn.Module, directory: str | os.PathLike) -> Path:
     )
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    _write_atomically(directory / "adapter_model.safetensors", lambda path: save_file(tensors, path, metadata={"format": "pt"}))
+    write_atomically(directory / "adapter_model.safetensors", lambda path: save_file(tensors, path, metadata={"format": "pt"}))
     config_dict = peft_config.to_dict()
-    _write_atomically(
+    write_atomically(
         directory / "adapter_config.json",
         lambda path: Path(path).write_text(json.dumps(_jsonable(config_dict), indent=2, sort_keys=True) + "\n"),
     )

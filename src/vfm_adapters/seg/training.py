@@ -76,7 +76,6 @@ import json
 import math
 import os
 import random
-import tempfile
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -87,6 +86,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from .._io import write_atomically
 from ..checkpoint import save_adapters
 from ..methods.base import adapter_parameters, get_method, inject, injected_methods
 from .datasets import build_dataset
@@ -321,21 +321,6 @@ def poly_factor(step: int, total: int, power: float = 0.9, warmup_iters: int = 0
 
 
 # ----------------------------------------------------------------------------- checkpoints
-def _write_atomic(path: Path, payload: Any) -> None:
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
-        torch.save(payload, temporary)
-        with open(temporary, "rb") as stream:
-            os.fsync(stream.fileno())
-        os.chmod(temporary, 0o644)  # mkstemp creates 0600 files
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-        raise
-
-
 def _rng_state() -> dict[str, Any]:
     numpy_state = np.random.get_state()
     state = {
@@ -368,10 +353,11 @@ def trained_state(model: Segmentor) -> dict[str, torch.Tensor]:
 
 def save_checkpoint(path: Path, model: Segmentor, optimizer, scheduler, step: int, config: Mapping[str, Any]) -> None:
     """Writes the resumable training state atomically."""
-    _write_atomic(path, {
+    payload = {
         "step": step, "model": trained_state(model), "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(), "rng": _rng_state(), "config": json.dumps(config, sort_keys=True),
-    })
+    }
+    write_atomically(path, lambda temporary: torch.save(payload, temporary))
 
 
 def load_checkpoint(path: Path, model: Segmentor, optimizer, scheduler) -> int:
@@ -406,30 +392,17 @@ def save_segmentor(model: Segmentor, directory: str | os.PathLike, model_config:
     if injected_methods(model.backbone):
         save_adapters(model.backbone, directory / "adapters")
     decode = {k: v.detach().cpu().contiguous() for k, v in model.decode_modules().state_dict().items()}
-    _atomic_bytes(directory / "head.safetensors", lambda p: save_file(decode, p))
+    write_atomically(directory / "head.safetensors", lambda p: save_file(decode, p))
     adapter_ids = {id(a) for a in adapter_parameters(model.backbone)}
     host_trained = any(p.requires_grad for p in model.backbone.parameters() if id(p) not in adapter_ids)
     if host_trained:
         host_state = {k: v.detach().cpu().contiguous() for k, v in model.backbone.state_dict().items()
                       if not k.startswith("vfm_adapters.")}
-        _atomic_bytes(directory / "backbone.safetensors", lambda p: save_file(host_state, p))
+        write_atomically(directory / "backbone.safetensors", lambda p: save_file(host_state, p))
     info = {"model": dict(model_config), "settings": model.settings, "host_trained": host_trained,
             "methods": injected_methods(model.backbone), **(extra or {})}
-    _atomic_bytes(directory / "segmentor.json", lambda p: Path(p).write_text(json.dumps(info, indent=2, default=str) + "\n"))
+    write_atomically(directory / "segmentor.json", lambda p: Path(p).write_text(json.dumps(info, indent=2, default=str) + "\n"))
     return directory
-
-
-def _atomic_bytes(path: Path, write: Callable[[str], Any]) -> None:
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
-        write(temporary)
-        os.chmod(temporary, 0o644)  # mkstemp creates 0600 files
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-        raise
 
 
 def load_segmentor(directory: str | os.PathLike, map_location: str | torch.device = "cpu") -> tuple[Segmentor, dict]:
