@@ -331,3 +331,34 @@ def test_shipped_configs_compile_for_sm90_without_spills(monkeypatch: pytest.Mon
         assert report["registers"] <= 255, what
         assert 0 < report["shared_bytes"] <= SM90_MAX_SHARED_PER_BLOCK, f"{what} needs too much shared memory"
     print(f"compiled {len(reports)} configurations in {time.perf_counter() - started:.1f} s")
+
+
+def test_a_whole_model_with_prefix_tokens_matches_the_torch_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """inject_rein(kernel="triton") on a host with CLS + 4 registers, against kernel="torch"."""
+    import copy
+
+    import timm
+
+    import vfm_adapters as va
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    torch.manual_seed(0)
+    host = timm.create_model("vit_small_patch14_reg4_dinov2", pretrained=False, depth=2, embed_dim=32,
+                             num_heads=2, img_size=42).eval()
+    assert va.describe_host(host).num_prefix_tokens == 5
+    reference = va.inject_rein(copy.deepcopy(host), kernel="torch", token_length=7, rank=3)
+    fused = va.inject_rein(copy.deepcopy(host), kernel="triton", token_length=7, rank=3)
+    fused.vfm_adapters.load_state_dict(reference.vfm_adapters.state_dict())
+    with torch.no_grad():
+        for model in (reference, fused):
+            model.vfm_adapters.rein.scale.fill_(0.5)
+    images = torch.randn(2, 3, 42, 42)
+    outputs = [model.forward_features(images) for model in (reference, fused)]
+    torch.testing.assert_close(outputs[1], outputs[0], rtol=1e-5, atol=1e-5)
+    for model, out in zip((reference, fused), outputs):
+        out.square().mean().backward()
+    for (name, expected), (_, got) in zip(reference.vfm_adapters.rein.named_parameters(),
+                                          fused.vfm_adapters.rein.named_parameters()):
+        if name.startswith(("transform", "merge")):
+            continue  # the query link is not on the backbone's path
+        torch.testing.assert_close(got.grad, expected.grad, rtol=1e-4, atol=1e-6, msg=name)

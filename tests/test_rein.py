@@ -181,3 +181,33 @@ def test_auto_falls_back_to_torch_for_shapes_triton_cannot_take():
     assert triton_takes(torch.zeros(2, 5, 32), torch.zeros(3, 32))
     assert not triton_takes(torch.zeros(2, 5, 32), torch.zeros(2, 3, 32))  # per-image tokens
     assert resolve_kernel("auto", feats, tokens) == "torch"
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
+    patches=st.integers(1, 16),
+    prefix=st.integers(0, 3),
+    seed=st.integers(0, 2**16),
+)
+def test_rein_runs_in_the_features_dtype(dtype, patches, prefix, seed):
+    """fp32 parameters with half-precision features: computed and returned in the features' dtype.
+
+    Tolerance: the half-precision result against the float64 equations, relative to the
+    largest output magnitude, within 2e-2 (bf16 has 8 bits of mantissa, fp16 11).
+    """
+    torch.manual_seed(seed)
+    rein = Rein(1, 16, ReinConfig(token_length=5, rank=3, kernel="torch"), patch_size=4)
+    with torch.no_grad():
+        rein.scale.fill_(0.5)
+    hidden = torch.randn(2, prefix + patches, 16).to(dtype)
+    out = rein(hidden, layer=0, num_prefix_tokens=prefix)
+    assert out.dtype == dtype and out.shape == hidden.shape
+    exact = restated_update(
+        hidden[:, prefix:].double(), rein.tokens_a[0].double(), rein.tokens_b[0].double(),
+        rein.token_to_feature.weight.double(), rein.token_to_feature.bias.double(),
+        rein.delta_feature.weight.double(), rein.delta_feature.bias.double(), rein.scale.double(),
+    )
+    error = (out[:, prefix:].double() - exact).abs().max() / exact.abs().max()
+    assert error < 2e-2
+    assert torch.equal(out[:, :prefix], hidden[:, :prefix])
