@@ -8,6 +8,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from vfm_adapters.seg.training import ConfigError
 import timm
 import torch
 import transformers
@@ -422,6 +424,12 @@ def test_train_adaptation_runs_a_tiny_dacs_config(tmp_path):
     assert result["step"] == 2 and np.isfinite(result["loss"])
     assert (tmp_path / "run" / "log.jsonl").read_text().count("\n") == 2
     assert (tmp_path / "run" / "segmentor.json").is_file() and "synthetic" in result["results"]
+    saved = (tmp_path / "run" / "head.safetensors").read_bytes()
+    with pytest.raises(ConfigError, match="already holds a run"):
+        train_adaptation(config, log=None, device="cpu")  # never silently replaces a finished run
+    assert (tmp_path / "run" / "head.safetensors").read_bytes() == saved
+    train_adaptation(config, log=None, device="cpu", overwrite=True)
+    assert (tmp_path / "run" / "log.jsonl").read_text().count("\n") == 2  # a new log, not appended
 
 
 # ----------------------------------------------------------------------------- generation

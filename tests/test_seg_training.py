@@ -206,3 +206,14 @@ def test_train_and_eval_commands(tmp_path, one_thread, capsys):
     assert main(["eval", str(tmp_path / "cli"), "--mode", "whole", "--per-class"]) == 0
     out = capsys.readouterr().out
     assert "night: mIoU" in out and "| sky |" in out
+
+
+def test_an_existing_run_is_never_silently_replaced(tmp_path, one_thread):
+    first = train(_config(tmp_path / "run", iterations=2), progress=False, log=lambda s: None, evaluate_at_end=False)
+    head = (tmp_path / "run" / "head.safetensors").read_bytes()
+    with pytest.raises(ConfigError, match="already holds a run"):
+        train(_config(tmp_path / "run", iterations=2), progress=False, log=lambda s: None, evaluate_at_end=False)
+    assert (tmp_path / "run" / "head.safetensors").read_bytes() == head
+    again = train(_config(tmp_path / "run", iterations=2), overwrite=True, progress=False, log=lambda s: None,
+                  evaluate_at_end=False)
+    assert again["finished"] and first["finished"]

@@ -12,12 +12,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", help="YAML/JSON config (see examples/configs/adaptation/)")
     parser.add_argument("--iterations", type=int, default=None, help="override train.iterations")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    parser.add_argument("--overwrite", action="store_true", help="replace a run already in train.output_dir")
 
 
 def run(args: argparse.Namespace) -> int:
     from .recipes import train_adaptation
 
-    train_adaptation(args.config, iterations=args.iterations, device=args.device)
+    train_adaptation(args.config, iterations=args.iterations, device=args.device, overwrite=args.overwrite)
     return 0
 
 

@@ -52,6 +52,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Sampler
 
+from .._io import write_atomically
 from ..seg import training as seg_training
 from ..seg.datasets import build_dataset
 from ..seg.heads import HEADS, Segmentor
@@ -254,7 +255,8 @@ def _loader(specs, transform, batch: int, seed: int, length: int, workers: int, 
 
 
 def train_adaptation(config: str | os.PathLike | Mapping[str, Any], iterations: int | None = None,
-                     log: Callable[[str], None] | None = print, device: str | None = None) -> dict[str, Any]:
+                     log: Callable[[str], None] | None = print, device: str | None = None,
+                     overwrite: bool = False) -> dict[str, Any]:
     """Runs a DACS or self-training config; returns ``{"step", "loss", "results", "output_dir", "model", "trainer"}``.
 
     Saves the student at the end (``save_segmentor`` layout for a ViT segmentor, the
@@ -266,11 +268,21 @@ def train_adaptation(config: str | os.PathLike | Mapping[str, Any], iterations: 
         iterations: Override ``train.iterations`` (e.g. a smoke run).
         log: Called with log lines (``None``: silent).
         device: Default CUDA when available.
+        overwrite: Replace a run already in ``train.output_dir``; without it such a
+            directory is refused, so an earlier run is never silently replaced.
     """
     config = load_adaptation_config(config)
     if iterations is not None:
         config["train"]["iterations"] = int(iterations)
     tc, dc, mc = config["train"], config["data"], config["model"]
+    output_dir = Path(tc["output_dir"])
+    run_files = ("decoder.safetensors", "head.safetensors", "adapters", "results.json", "log.jsonl")
+    existing = [name for name in run_files if (output_dir / name).exists()]
+    if existing and not overwrite:
+        raise seg_training.ConfigError(
+            f"{output_dir} already holds a run ({', '.join(existing)}): pass overwrite=True (--overwrite) to "
+            "replace it, or choose another train.output_dir"
+        )
     say = log or (lambda _: None)
     seed = int(tc["seed"])
     random.seed(seed)
@@ -303,9 +315,11 @@ def train_adaptation(config: str | os.PathLike | Mapping[str, Any], iterations: 
     source = iter(_loader(dc["source"], transform(dc["scale"]), batch, seed, total * batch, workers, sampler))
     target = iter(_loader(dc[unlabelled_key], transform(dc["target_scale"]), batch, seed + 1, total * batch, workers))
 
-    output_dir = Path(tc["output_dir"])
     output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "config.json").write_text(json.dumps(config, indent=2, default=str) + "\n")
+    if (output_dir / "log.jsonl").exists():
+        (output_dir / "log.jsonl").unlink()  # overwrite: a new run starts a new log
+    write_atomically(output_dir / "config.json",
+                     lambda path: Path(path).write_text(json.dumps(config, indent=2, default=str) + "\n"))
     started, out = time.perf_counter(), {"loss": float("nan")}
     for step in range(total):
         src, tgt = next(source), next(target)
@@ -324,12 +338,13 @@ def train_adaptation(config: str | os.PathLike | Mapping[str, Any], iterations: 
         from safetensors.torch import save_file
 
         state = {k: v.detach().cpu().contiguous() for k, v in model.decoder.state_dict().items()}
-        save_file(state, str(output_dir / "decoder.safetensors"))
+        write_atomically(output_dir / "decoder.safetensors", lambda path: save_file(state, path))
     results = {}
     if dc["val"]:
         model.eval()
         results = seg_training.evaluate_sets(model, config, seg_training.build_val_sets(config))
-        (output_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+        write_atomically(output_dir / "results.json",
+                         lambda path: Path(path).write_text(json.dumps(results, indent=2) + "\n"))
         say(json.dumps({k: round(v["mIoU"], 2) for k, v in results.items()}))
     return {"step": total, "loss": out["loss"], "results": results, "output_dir": str(output_dir),
             "model": model, "trainer": trainer}

@@ -212,7 +212,8 @@ def _run(args: argparse.Namespace, threads: int) -> int:
     if args.pretrain_steps > 0:
         print(f"[1] backbone pre-training stand-in: {args.pretrain_steps} steps of full training on separately generated "
               "scenes with strong photometric augmentation (a real run would load DINOv2/EVA02 weights instead)")
-        pre = train(demo_config(args, ["full"], output / "pretrained_backbone", True, None), progress=progress,
+        # The demo regenerates everything under its output directory on each run.
+        pre = train(demo_config(args, ["full"], output / "pretrained_backbone", True, None), overwrite=True, progress=progress,
                     log=lambda line: None, evaluate_at_end=False)
         checkpoint = str(Path(pre["output_dir"]) / "backbone.safetensors")
         (Path(pre["output_dir"]) / "checkpoint.pt").unlink(missing_ok=True)
@@ -229,7 +230,7 @@ def _run(args: argparse.Namespace, threads: int) -> int:
         what = {"freeze": "frozen backbone, train the head only", "full": "train backbone (lr x0.1) and head"}.get(
             method, f"inject {method}, train {method} + head" + (" + backbone (lr x0.1)" if args.unfreeze_backbone else ""))
         print(f"[{index}] {method}: {what}; {args.steps} steps, batch {args.batch_size}, AdamW lr {args.lr:g}, poly schedule")
-        outcome = train(config, progress=progress, log=lambda line: None, evaluate_at_end=False)
+        outcome = train(config, overwrite=True, progress=progress, log=lambda line: None, evaluate_at_end=False)
         model = outcome["model"].eval()
         (output / method / "checkpoint.pt").unlink(missing_ok=True)  # the run finished: keep adapters + head only
         trainable = trainable_parameters(model)

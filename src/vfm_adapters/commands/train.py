@@ -16,6 +16,8 @@ HELP = "train adapters + a segmentation head from a YAML/JSON config (accelerate
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", help="YAML or JSON config (see examples/configs/)")
     parser.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/checkpoint.pt if present")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start from scratch even if OUTPUT_DIR already holds a run (its files are replaced)")
     parser.add_argument("--output-dir", default=None, help="override train.output_dir")
     parser.add_argument("--iterations", type=int, default=None, help="override train.iterations")
     parser.add_argument("--stop-after", type=int, default=None,
@@ -32,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
         config["train"]["output_dir"] = args.output_dir
     if args.iterations is not None:
         config["train"]["iterations"] = args.iterations
-    outcome = train(config, resume=args.resume, stop_after=args.stop_after, progress=not args.no_progress,
+    outcome = train(config, resume=args.resume, overwrite=args.overwrite, stop_after=args.stop_after, progress=not args.no_progress,
                     evaluate_at_end=not args.no_eval)
     state = "finished" if outcome["finished"] else f"stopped at step {outcome['step']} (continue with --resume)"
     print(f"{state}; outputs in {outcome['output_dir']}")

@@ -476,7 +476,8 @@ def evaluate_sets(model: Segmentor, config: Mapping[str, Any], sets: Mapping[str
 
 
 def train(config: str | os.PathLike | Mapping[str, Any], resume: bool = False, stop_after: int | None = None,
-          progress: bool = True, log: Callable[[str], None] | None = None, evaluate_at_end: bool = True) -> dict[str, Any]:
+          progress: bool = True, log: Callable[[str], None] | None = None, evaluate_at_end: bool = True,
+          overwrite: bool = False) -> dict[str, Any]:
     """Trains a segmentor from a config; returns ``{"step", "loss", "results", "output_dir", "seconds"}``.
 
     Args:
@@ -487,6 +488,9 @@ def train(config: str | os.PathLike | Mapping[str, Any], resume: bool = False, s
         progress: Show a tqdm progress bar.
         log: Called with log lines (default: ``print`` on the main process).
         evaluate_at_end: Evaluate on ``data.val`` when training finishes.
+        overwrite: Start from scratch even if ``output_dir`` already holds a run. Without
+            it (and without ``resume``) such a directory is refused, so an earlier run's
+            checkpoint and weights are never silently replaced.
     """
     from accelerate import Accelerator
     from tqdm.auto import tqdm
@@ -496,6 +500,12 @@ def train(config: str | os.PathLike | Mapping[str, Any], resume: bool = False, s
     accelerator = Accelerator(mixed_precision=_mixed_precision(tc["mixed_precision"]))
     say = log or accelerator.print
     output_dir = Path(tc["output_dir"])
+    existing = [name for name in (CHECKPOINT_NAME, "head.safetensors", "adapters") if (output_dir / name).exists()]
+    if existing and not (resume or overwrite):
+        raise ConfigError(
+            f"{output_dir} already holds a run ({', '.join(existing)}): pass resume=True (--resume) to continue it, "
+            "overwrite=True (--overwrite) to start over and replace it, or choose another train.output_dir"
+        )
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
@@ -543,6 +553,8 @@ def train(config: str | os.PathLike | Mapping[str, Any], resume: bool = False, s
 
     val_sets = build_val_sets(config) if accelerator.is_main_process and dc["val"] else {}
     log_path = output_dir / "log.jsonl"
+    if start == 0 and accelerator.is_main_process and log_path.exists():
+        log_path.unlink()  # a run from scratch (overwrite) starts a new log; a resumed one appends
     model.train()
     bar = tqdm(total=total, initial=start, desc="train", disable=not (progress and accelerator.is_main_process),
                dynamic_ncols=True)
