@@ -6,13 +6,26 @@ in; TRITON_INTERPRET=1 is still set here, before anything imports triton from th
 so that ``rein_update(kernel="triton")``'s availability check agrees, and
 ``test_cpu_launches_go_through_the_interpreter`` checks that the interpreter really runs.
 
-Tolerances (max |error| over a tensor, relative to the max |value| of the exact result):
-- fp32: 1e-5 against the fp32 reference (both accumulate in fp32; only the order of the
-  sums differs, and the restructured GEMM P (V W_f^T) + f W_f^T versus (P V + f) W_f^T).
-- bf16: 2e-2 and fp16: 2.5e-3 against the float64 reference on the same (already rounded)
-  inputs. The kernels round U, P and dZ to the input dtype before the tensor-core dots,
-  as the bf16/fp16 reference does with its intermediates; measured errors were up to about
-  1.1e-2 (bf16) and 6.5e-4 (fp16), the reference's own errors up to 2.9e-2 and 4.8e-3.
+Tolerances come from an error analysis, not from the examples seen. Every check compares
+with the float64 reference on the same (already rounded) inputs; the error of a tensor is
+its max |error| relative to the max |value| of the exact result, except for the gradient of
+the scalar ``scale``, a sum over every element, Sum(g * df): a sum of terms of both signs can
+cancel to almost nothing, so its error is taken relative to Sum |g * df| (the sum's
+condition), the quantity a rounding-error bound is proportional to.
+
+- fp32 (:func:`fp32_tolerance`): every value is a chain of fp32 dot products and sums with
+  fp32 accumulation; the longest chain has K = c + m + rows terms (a dot over the width, one
+  over the tokens, a reduction over the rows), and the standard bound of a K-term fp32 sum
+  is gamma_K = K u / (1 - K u) ~ K u, u = 2**-24, relative to the sum of |terms|. The kernel
+  must stay within K u. Measured over 150 random problems (tests/test_kernels.py's
+  ``problems`` strategy, one run with ``max_examples=150``): at most 0.25 K u.
+- bf16 / fp16 (:data:`HALF_TOLERANCE_UNITS` units of u = 2**-8 / 2**-11): the kernels round
+  at most three intermediates (U = V W_f^T or P, then dZ or dP) to the input dtype before a
+  tensor-core dot and round the result once, with fp32 accumulation in between (K u in fp32
+  is below 1e-4 of a half-precision u). Each rounding adds at most u of its own magnitude,
+  and for the test's input scales an intermediate is at most twice the result's magnitude:
+  4 roundings x 2 = 8 u. Measured over 60 problems each: at most 2.9 u (bf16) and 1.5 u
+  (fp16); PyTorch's own bf16/fp16 reference reaches 6.7 u and 6.2 u on the same inputs.
 """
 
 from __future__ import annotations
@@ -22,6 +35,7 @@ import os
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import dataclasses  # noqa: E402
+import math  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
@@ -38,7 +52,8 @@ from vfm_adapters.kernels import _triton_kernels as kernels  # noqa: E402
 from vfm_adapters.kernels.reference import rein_update_reference  # noqa: E402
 from vfm_adapters.kernels.triton_rein import rein_update_triton  # noqa: E402
 
-RELATIVE_TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2.5e-3}
+UNIT_ROUNDOFF = {torch.float32: 2.0**-24, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
+HALF_TOLERANCE_UNITS = 8
 INPUT_NAMES = ("feats", "tokens", "W_t", "b_t", "W_f", "b_f", "scale")
 
 
@@ -74,6 +89,26 @@ class Problem:
         return values, randn(*self.lead, self.n, c)
 
 
+def fp32_tolerance(problem: Problem) -> float:
+    """K u with K = c + m + rows, the longest fp32 accumulation chain (module docstring)."""
+    rows = problem.n * math.prod(problem.lead)
+    return (problem.channels + problem.n_tokens + rows) * UNIT_ROUNDOFF[torch.float32]
+
+
+def tolerance(problem: Problem, dtype: torch.dtype) -> float:
+    if dtype == torch.float32:
+        return fp32_tolerance(problem)
+    return HALF_TOLERANCE_UNITS * UNIT_ROUNDOFF[dtype]
+
+
+def scale_grad_condition(values: list[torch.Tensor | None], grad_out: torch.Tensor) -> float:
+    """Sum |g * df| in float64, df = the layer's update before scaling (scale set to 1)."""
+    leaves = [None if v is None else v.double() for v in values]
+    leaves[6] = torch.ones((), dtype=torch.float64)
+    df = rein_update_reference(*leaves) - leaves[0]
+    return (grad_out.double() * df).abs().sum().item()
+
+
 def forward_and_grads(fn, values, grad_out, dtypes) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
     """Output and gradients of every (non-None) input, inputs cast to ``dtypes``."""
     leaves = [None if v is None else v.to(dt).requires_grad_() for v, dt in zip(values, dtypes)]
@@ -89,37 +124,45 @@ def max_relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return error / scale if scale > 0 else error
 
 
-def assert_matches(actual: torch.Tensor, expected: torch.Tensor, tolerance: float, what: str) -> None:
+def assert_matches(actual: torch.Tensor, expected: torch.Tensor, tolerance: float, what: str,
+                   condition: float | None = None) -> None:
+    """Max |error| relative to max |expected|, or to ``condition`` (the sum of |terms|) when given."""
     assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
     assert torch.isfinite(actual).all(), f"{what}: non-finite values"
-    error = max_relative_error(actual, expected)
-    assert error <= tolerance, f"{what}: max error {error:.3g} relative to max |value| > {tolerance:g}"
+    if condition is None:
+        error, relative_to = max_relative_error(actual, expected), "max |value|"
+    else:
+        absolute = (actual.double() - expected.double()).abs().max().item()
+        error, relative_to = (absolute / condition if condition > 0 else absolute), "sum |g * df|"
+    assert error <= tolerance, f"{what}: max error {error:.3g} relative to {relative_to} > {tolerance:.3g}"
 
 
-def check_against_reference(problem: Problem, dtype: torch.dtype, parameter_dtype: torch.dtype | None = None) -> None:
-    """Forward and every gradient of the Triton op against the reference.
-
-    fp32 is compared with the fp32 reference; bf16/fp16 with the float64 reference on the
-    same rounded inputs.
-    """
-    parameter_dtype = parameter_dtype or dtype
-    values, grad_out = problem.inputs()
-    dtypes = [dtype] + [parameter_dtype] * 6
-    rounded = [None if v is None else v.to(dt) for v, dt in zip(values, dtypes)]
-    out, grads = forward_and_grads(rein_update_triton, rounded, grad_out.to(dtype), dtypes)
-    exact_dtype = torch.float32 if dtype == torch.float32 else torch.float64
-    expected_out, expected_grads = forward_and_grads(
-        rein_update_reference, rounded, grad_out.to(dtype), [exact_dtype] * 7
-    )
-    tolerance = RELATIVE_TOLERANCE[dtype]
-    assert out.dtype == dtype
-    assert_matches(out, expected_out, tolerance, f"{problem} output")
-    for name, grad, expected, value in zip(INPUT_NAMES, grads, expected_grads, rounded):
+def assert_all_match(problem: Problem, dtype: torch.dtype, values, grad_out, out, grads, expected_out, expected_grads,
+                     what: str = "") -> None:
+    """Output and every gradient within :func:`tolerance`; ``scale``'s gradient against its condition."""
+    limit = tolerance(problem, dtype)
+    assert_matches(out, expected_out, limit, f"{what}{problem} output")
+    for name, grad, expected, value in zip(INPUT_NAMES, grads, expected_grads, values):
         if value is None:
             assert grad is None
             continue
         assert grad.dtype == value.dtype, f"grad of {name} is {grad.dtype}, its input {value.dtype}"
-        assert_matches(grad, expected, tolerance, f"{problem} grad of {name}")
+        condition = scale_grad_condition(values, grad_out) if name == "scale" else None
+        assert_matches(grad, expected, limit, f"{what}{problem} grad of {name}", condition)
+
+
+def check_against_reference(problem: Problem, dtype: torch.dtype, parameter_dtype: torch.dtype | None = None) -> None:
+    """Forward and every gradient of the Triton op against the float64 reference on the
+    same rounded inputs, within the tolerances of the module docstring."""
+    parameter_dtype = parameter_dtype or dtype
+    values, grad_out = problem.inputs()
+    dtypes = [dtype] + [parameter_dtype] * 6
+    rounded = [None if v is None else v.to(dt) for v, dt in zip(values, dtypes)]
+    grad_out = grad_out.to(dtype)
+    out, grads = forward_and_grads(rein_update_triton, rounded, grad_out, dtypes)
+    expected_out, expected_grads = forward_and_grads(rein_update_reference, rounded, grad_out, [torch.float64] * 7)
+    assert out.dtype == dtype
+    assert_all_match(problem, dtype, rounded, grad_out, out, grads, expected_out, expected_grads)
 
 
 @st.composite
@@ -168,12 +211,13 @@ def test_mixed_dtypes_compute_in_feats_dtype_and_return_each_grad_in_its_own_dty
 
 
 def test_only_feats_needing_grad_skips_parameter_reductions_and_stays_correct() -> None:
-    values, grad_out = Problem((), 50, 32, 100, True, True, 0.9, 1.0, 6).inputs()
+    problem = Problem((), 50, 32, 100, True, True, 0.9, 1.0, 6)
+    values, grad_out = problem.inputs()
     feats = values[0].clone().requires_grad_()
     (grad,) = torch.autograd.grad(rein_update_triton(feats, *values[1:]), feats, grad_out)
     expected_feats = values[0].clone().requires_grad_()
     (expected,) = torch.autograd.grad(rein_update_reference(expected_feats, *values[1:]), expected_feats, grad_out)
-    assert_matches(grad, expected, RELATIVE_TOLERANCE[torch.float32], "feats-only grad")
+    assert_matches(grad, expected, 2 * fp32_tolerance(problem), "feats-only grad")  # both sides fp32: 2 K u
 
 
 def _gpu_configs(dtype: torch.dtype) -> dict[str, kernels.KernelConfig]:
@@ -205,9 +249,10 @@ def test_cpu_launches_go_through_the_interpreter(monkeypatch: pytest.MonkeyPatch
 
 
 def test_dispatch_through_rein_update_kernel_triton() -> None:
-    values, _ = Problem((3,), 10, 32, 4, True, False, 0.5, 1.0, 9).inputs()
+    problem = Problem((3,), 10, 32, 4, True, False, 0.5, 1.0, 9)
+    values, _ = problem.inputs()
     out = rein_update(*values, kernel="triton")
-    assert_matches(out, rein_update_reference(*values), RELATIVE_TOLERANCE[torch.float32], "dispatch")
+    assert_matches(out, rein_update_reference(*values), 2 * fp32_tolerance(problem), "dispatch")  # both fp32: 2 K u
 
 
 def test_triton_import_order_does_not_matter() -> None:
@@ -278,7 +323,8 @@ def test_torch_compile_fullgraph_forward_and_backward() -> None:
     backward through the fake implementations. ``aot_eager`` runs that whole pipeline
     without inductor's C++ code generation, which would only add minutes of CPU compile."""
     torch._dynamo.reset()
-    values, grad_out = Problem((2,), 19, 32, 7, True, True, 0.5, 1.0, 12).inputs()
+    problem = Problem((2,), 19, 32, 7, True, True, 0.5, 1.0, 12)
+    values, grad_out = problem.inputs()
 
     def layer_loss(*inputs):
         return (rein_update_triton(*inputs) * grad_out).sum()
@@ -286,10 +332,11 @@ def test_torch_compile_fullgraph_forward_and_backward() -> None:
     compiled = torch.compile(layer_loss, fullgraph=True, backend="aot_eager")
     leaves = [v.clone().requires_grad_() for v in values]
     compiled(*leaves).backward()
-    expected = [v.clone().requires_grad_() for v in values]
-    (rein_update_reference(*expected) * grad_out).sum().backward()
+    expected = [v.double().requires_grad_() for v in values]
+    (rein_update_reference(*expected) * grad_out.double()).sum().backward()
     for name, leaf, ref in zip(INPUT_NAMES, leaves, expected):
-        assert_matches(leaf.grad, ref.grad, RELATIVE_TOLERANCE[torch.float32], f"compiled grad of {name}")
+        condition = scale_grad_condition(values, grad_out) if name == "scale" else None
+        assert_matches(leaf.grad, ref.grad, fp32_tolerance(problem), f"compiled grad of {name}", condition)
 
 
 # --- sm_90 code generation -------------------------------------------------------------
@@ -305,6 +352,11 @@ SM90_CASES = [
 def test_shipped_configs_compile_for_sm90_without_spills(monkeypatch: pytest.MonkeyPatch) -> None:
     """triton.compile for GPUTarget("cuda", 90, 32) needs no GPU: ptxas runs on the host.
 
+    Register allocation is ptxas's and changes between Triton releases (under triton 3.8 the
+    old fp32 forward tile, BLOCK_K 32, spilled 16 B at M_PAD 16 and 32): the shipped tiles
+    were checked spill-free with triton 3.8.0 and 3.9.0, and the test reports the version
+    it compiled with in every message.
+
     Compiled in worker processes started without TRITON_INTERPRET (the compiler cannot use
     triton's standard library once it was built for the interpreter), two at a time. fp16
     generates the same code as bf16 (checked once: identical registers and shared memory),
@@ -319,13 +371,17 @@ def test_shipped_configs_compile_for_sm90_without_spills(monkeypatch: pytest.Mon
     started = time.perf_counter()
     with ProcessPoolExecutor(max_workers=2, mp_context=multiprocessing.get_context("spawn")) as pool:
         reports = list(pool.map(compile_shipped_config, *zip(*SM90_CASES)))
+    import triton
+
+    version = f"triton {triton.__version__}"
+    print(f"sm_90 code generation with {version}")
     for report in reports:
         print(
             f"{report['kernel']:16s} {report['dtype']} M_PAD={report['m_pad']:3d}: {report['registers']} registers, "
             f"spills {report['spill_stores']}/{report['spill_loads']} B, stack {report['stack_frame']} B, "
             f"shared {report['shared_bytes']} B"
         )
-        what = f"{report['kernel']} {report['dtype']} M_PAD={report['m_pad']}"
+        what = f"{report['kernel']} {report['dtype']} M_PAD={report['m_pad']} ({version})"
         assert report["spill_stores"] == 0 and report["spill_loads"] == 0, f"{what} spills registers: {report}"
         assert report["local_bytes"] == 0 and report["stack_frame"] == 0, f"{what} uses local memory: {report}"
         assert report["registers"] <= 255, what

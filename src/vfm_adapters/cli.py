@@ -1,4 +1,10 @@
-"""The ``vfm-adapters`` command line: one sub-command per module in :mod:`.commands`."""
+"""The ``vfm-adapters`` command line: one sub-command per module in :mod:`.commands`.
+
+Building the parser imports only the small command modules (each imports torch and the
+library inside its ``run``), so ``vfm-adapters --help`` answers at once. Errors the library
+raises on purpose (bad config, bad input, missing files) are printed as one line with exit
+status 2; ``--traceback`` shows the full trace instead.
+"""
 
 from __future__ import annotations
 
@@ -27,12 +33,28 @@ def build_parser() -> argparse.ArgumentParser:
         description="Parameter-efficient fine-tuning of vision foundation models for domain-generalised segmentation.",
     )
     parser.add_argument("--version", action="version", version=f"vfm-adapters {__version__}")
+    parser.add_argument("--traceback", action="store_true", help="show the full traceback of an error")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, module in command_modules().items():
         command_parser = sub.add_parser(name, help=module.HELP, description=module.HELP)
         module.add_arguments(command_parser)
         command_parser.set_defaults(_run=module.run)
     return parser
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions that describe a user's mistake and are printed as one line.
+
+    Library-defined errors subclass ``ValueError``, ``TypeError`` or ``FileNotFoundError``
+    (``ConfigError``, ``AdapterError``, ``DatasetLayoutError``, ``UnsupportedModelError``);
+    ``UnsupportedModelError`` is the only ``TypeError`` caught, so a ``TypeError`` from a
+    bug still shows its traceback.
+    """
+    errors: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError,
+                                               PermissionError)
+    if "vfm_adapters.hosts.base" in sys.modules:  # the command got far enough to import it
+        errors += (sys.modules["vfm_adapters.hosts.base"].UnsupportedModelError,)
+    return errors
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -49,7 +71,15 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "_run", None) is None:
         parser.print_help()
         return 2
-    return int(args._run(args) or 0)
+    try:
+        return int(args._run(args) or 0)
+    except Exception as error:  # noqa: BLE001 - filtered just below
+        if args.traceback or not isinstance(error, _user_errors()):
+            raise
+        message = str(error).strip() or type(error).__name__
+        message = " ".join(message.split())  # one line, whatever the library's message looked like
+        print(f"vfm-adapters {args.command}: error: {type(error).__name__}: {message}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -1,5 +1,30 @@
-"""``vfm-adapters adapt CONFIG``: a DACS or CLOUDS-style self-training run (see docs/dacs.md)."""
+"""``vfm-adapters adapt CONFIG``: run a DACS or self-training config (see examples/configs/adaptation/)."""
 
-from vfm_adapters.adaptation.__main__ import HELP, NAME, add_arguments, run
+from __future__ import annotations
 
-__all__ = ["HELP", "NAME", "add_arguments", "run"]
+import argparse
+
+from ._common import add_threads_argument, refuse_plain_torchrun, torch_threads
+
+NAME = "adapt"
+HELP = "run a domain-adaptation recipe (DACS, DAFormer options, or CLOUDS-style self-training) from a YAML config"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", help="a config shipped with the package by name (see 'vfm-adapters configs'), "
+                                       "or a YAML/JSON file")
+    parser.add_argument("--iterations", type=int, default=None, help="override train.iterations")
+    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    parser.add_argument("--overwrite", action="store_true", help="replace a run already in train.output_dir")
+    add_threads_argument(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    from vfm_adapters.adaptation.recipes import train_adaptation
+    from vfm_adapters.configs import resolve_config
+
+    refuse_plain_torchrun()
+    with torch_threads(args.threads):
+        train_adaptation(resolve_config(args.config), iterations=args.iterations, device=args.device,
+                         overwrite=args.overwrite)
+    return 0

@@ -24,6 +24,8 @@ import json
 import time
 from pathlib import Path
 
+from ._common import add_threads_argument, torch_threads
+
 NAME = "demo"
 HELP = "train adapters on a synthetic source domain on CPU and report mIoU under domain shift (fog, night, noise, colour)"
 
@@ -46,35 +48,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--embed-dim", type=int, default=128, help="ViT width (default: %(default)s)")
     parser.add_argument("--depth", type=int, default=6, help="ViT blocks (default: %(default)s)")
     parser.add_argument("--patch-size", type=int, default=8, help="ViT patch size (default: %(default)s)")
-    parser.add_argument("--threads", type=int, default=0,
-                        help="torch CPU threads; 0 (default) = the cores other processes leave free, and 1 on a "
-                             "machine with 2 cores or fewer (OpenMP threads slow down badly on an oversubscribed CPU)")
+    add_threads_argument(parser)
     parser.add_argument("--seed", type=int, default=0, help="seed (default: %(default)s)")
     parser.add_argument("--tiny", action="store_true",
                         help="a seconds-long smoke run (tiny model, few steps and images) for tests")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
-
-
-def choose_threads(requested: int) -> int:
-    """``requested`` if positive; else the cores left free by other processes, and 1 on <= 2 cores.
-
-    PyTorch's OpenMP threads slow down by an order of magnitude when the CPU is
-    oversubscribed (measured here: 6 s instead of 0.5 s per step), and on a 2-core machine
-    any other process oversubscribes two threads; one thread costs less than 2x at worst.
-    """
-    import math
-    import os
-
-    if requested > 0:
-        return requested
-    cores = os.cpu_count() or 1
-    if cores <= 2:
-        return 1
-    try:
-        busy = os.getloadavg()[0]
-    except (AttributeError, OSError):  # pragma: no cover - not on every platform
-        busy = 0.0
-    return max(1, min(cores - math.ceil(busy), 16))
 
 
 def _apply_tiny(args: argparse.Namespace) -> None:
@@ -163,23 +141,23 @@ def save_prediction_grid(path: Path, models: dict, domains: dict, count: int = 2
                 axis.set_title(title, fontsize=8)
             if c == 0:
                 axis.set_ylabel(domain, fontsize=8)
-    figure.tight_layout()
+    from matplotlib.patches import Patch
+
+    from vfm_adapters.seg.synthetic import SYNTHETIC_CLASSES
+
+    legend = [Patch(facecolor=palette[i], edgecolor="black", linewidth=0.3, label=name)
+              for i, name in enumerate(SYNTHETIC_CLASSES[: len(palette)])]
+    figure.tight_layout(rect=(0, 0.4 / figure.get_figheight(), 1, 1))  # 0.4 inch at the bottom for the legend
+    figure.legend(handles=legend, loc="lower center", ncol=min(len(legend), 7), fontsize=7, frameon=False)
     figure.savefig(path, dpi=100)
     plt.close(figure)
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
     if args.tiny:
         _apply_tiny(args)
-    threads = choose_threads(args.threads)
-    previous_threads = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(args.threads) as threads:
         return _run(args, threads)
-    finally:
-        torch.set_num_threads(previous_threads)
 
 
 def _run(args: argparse.Namespace, threads: int) -> int:

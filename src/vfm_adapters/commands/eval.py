@@ -13,6 +13,8 @@ import argparse
 import json
 from pathlib import Path
 
+from ._common import add_threads_argument, torch_threads
+
 NAME = "eval"
 HELP = "evaluate a trained segmentor (adapters + head) and print mIoU per dataset and per class"
 
@@ -29,17 +31,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stride", type=int, default=None, help="sliding-window stride (default: config's, 341)")
     parser.add_argument("--limit", type=int, default=None, help="evaluate the first N images of each dataset only")
     parser.add_argument("--per-class", action="store_true", help="also print per-class IoU")
-    parser.add_argument("--device", default="cuda" if _cuda() else "cpu", help="device (default: %(default)s)")
+    parser.add_argument("--device", default=None, help="device (default: cuda when available, else cpu)")
     parser.add_argument("--output", default=None, help="write the results as JSON here")
-
-
-def _cuda() -> bool:
-    try:
-        import torch
-
-        return torch.cuda.is_available()
-    except ImportError:  # pragma: no cover
-        return False
+    add_threads_argument(parser)
 
 
 def parse_data(spec: str) -> tuple[str, dict]:
@@ -72,12 +66,20 @@ def parse_data(spec: str) -> tuple[str, dict]:
 
 
 def run(args: argparse.Namespace) -> int:
+    with torch_threads(args.threads):
+        return _evaluate(args)
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    import torch
+
     from vfm_adapters.seg.datasets import build_dataset
     from vfm_adapters.seg.inference import evaluate
     from vfm_adapters.seg.metrics import results_table
     from vfm_adapters.seg.training import load_segmentor
 
-    model, info = load_segmentor(args.run_dir, map_location=args.device)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model, info = load_segmentor(args.run_dir, map_location=device)
     config_path = Path(args.run_dir) / "config.json"
     config = json.loads(config_path.read_text()) if config_path.is_file() else {}
     eval_cfg = {"mode": "slide", "crop": 512, "stride": 341, **config.get("eval", {})}

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import argparse
 
+from ._common import add_threads_argument, refuse_plain_torchrun, torch_threads
+
 NAME = "train"
 HELP = "train adapters + a segmentation head from a YAML/JSON config (accelerate launch-able, resumable)"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("config", help="YAML or JSON config (see examples/configs/)")
+    parser.add_argument("config", help="a config shipped with the package by name (see 'vfm-adapters configs'), "
+                                       "or a YAML/JSON file")
     parser.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/checkpoint.pt if present")
     parser.add_argument("--overwrite", action="store_true",
                         help="start from scratch even if OUTPUT_DIR already holds a run (its files are replaced)")
@@ -24,18 +27,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="stop (after checkpointing) once this many steps ran; continue later with --resume")
     parser.add_argument("--no-eval", action="store_true", help="skip the evaluation at the end")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    add_threads_argument(parser)
 
 
 def run(args: argparse.Namespace) -> int:
+    from vfm_adapters.configs import resolve_config
     from vfm_adapters.seg.training import load_config, train
 
-    config = load_config(args.config)
+    refuse_plain_torchrun()
+    config = load_config(resolve_config(args.config))
     if args.output_dir is not None:
         config["train"]["output_dir"] = args.output_dir
     if args.iterations is not None:
         config["train"]["iterations"] = args.iterations
-    outcome = train(config, resume=args.resume, overwrite=args.overwrite, stop_after=args.stop_after, progress=not args.no_progress,
-                    evaluate_at_end=not args.no_eval)
+    with torch_threads(args.threads):
+        outcome = train(config, resume=args.resume, overwrite=args.overwrite, stop_after=args.stop_after,
+                        progress=not args.no_progress, evaluate_at_end=not args.no_eval)
     state = "finished" if outcome["finished"] else f"stopped at step {outcome['step']} (continue with --resume)"
     print(f"{state}; outputs in {outcome['output_dir']}")
     return 0

@@ -339,7 +339,7 @@ GPU_CONFIGS: dict[str, dict[str, KernelConfig]] = {
         "backward_reduce": KernelConfig(128, 128, 64, num_warps=8, num_stages=3),
     },
     "32bit": {
-        "forward": KernelConfig(32, 64, 32, num_warps=4, num_stages=2),
+        "forward": KernelConfig(32, 64, 16, num_warps=4, num_stages=2),
         "backward_rows": KernelConfig(32, 64, 16, num_warps=8, num_stages=2),
         "backward_reduce": KernelConfig(64, 64, 32, num_warps=4, num_stages=2),
     },

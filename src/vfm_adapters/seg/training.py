@@ -62,6 +62,8 @@ Config reference (YAML or JSON; every key optional except the data)::
       checkpoint_interval: 1000
       eval_interval: 0                     # 0 = evaluate only at the end
       output_dir: runs/rein
+      log_with: null                       # Accelerate trackers, e.g. tensorboard (extra) or [tensorboard, wandb]
+      find_unused_parameters: false        # DDP: needed when some trainable parameter gets no gradient
     eval:
       mode: slide                          # slide | whole
       crop: 512
@@ -114,6 +116,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "train": {
         "iterations": 40000, "batch_size": 4, "grad_accum": 1, "seed": 0, "mixed_precision": "auto",
         "log_interval": 50, "checkpoint_interval": 1000, "eval_interval": 0, "output_dir": "runs/segmentation",
+        "log_with": None, "find_unused_parameters": False,
     },
     "eval": {"mode": "slide", "crop": 512, "stride": 341, "limit": None},
 }
@@ -453,6 +456,35 @@ def _mixed_precision(value: str) -> str:
     return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
 
 
+def make_accelerator(train_config: Mapping[str, Any]):
+    """The run's ``accelerate.Accelerator``: precision, trackers (``log_with``) and DDP options.
+
+    ``find_unused_parameters`` is for models with trainable parameters that get no gradient
+    in a step (Rein's query link under a light head, if a config enables it); DDP otherwise
+    stops with an error on the first backward pass.
+
+    Example:
+        >>> acc = make_accelerator({"mixed_precision": "no", "output_dir": "/tmp/x", "log_with": None,
+        ...                         "find_unused_parameters": False})
+        >>> acc.mixed_precision
+        'no'
+    """
+    from accelerate import Accelerator, DistributedDataParallelKwargs
+
+    log_with = train_config.get("log_with")
+    accelerator = Accelerator(
+        mixed_precision=_mixed_precision(train_config["mixed_precision"]),
+        log_with=log_with,
+        project_dir=str(train_config["output_dir"]) if log_with else None,
+        kwargs_handlers=[DistributedDataParallelKwargs(
+            find_unused_parameters=bool(train_config.get("find_unused_parameters", False)))],
+    )
+    if log_with:
+        accelerator.init_trackers("vfm-adapters", config={k: v for k, v in train_config.items()
+                                                          if isinstance(v, (int, float, str, bool))})
+    return accelerator
+
+
 def build_val_sets(config: Mapping[str, Any]) -> dict[str, tuple[Any, dict]]:
     """``{name: (dataset, per-dataset eval options)}`` from ``data.val``."""
     sets = {}
@@ -492,12 +524,11 @@ def train(config: str | os.PathLike | Mapping[str, Any], resume: bool = False, s
             it (and without ``resume``) such a directory is refused, so an earlier run's
             checkpoint and weights are never silently replaced.
     """
-    from accelerate import Accelerator
     from tqdm.auto import tqdm
 
     config = load_config(config)
     tc, oc, dc, mc = config["train"], config["optim"], config["data"], config["model"]
-    accelerator = Accelerator(mixed_precision=_mixed_precision(tc["mixed_precision"]))
+    accelerator = make_accelerator(tc)
     say = log or accelerator.print
     output_dir = Path(tc["output_dir"])
     existing = [name for name in (CHECKPOINT_NAME, "head.safetensors", "adapters") if (output_dir / name).exists()]
@@ -592,6 +623,7 @@ def train(config: str | os.PathLike | Mapping[str, Any], resume: bool = False, s
             running = []
             with open(log_path, "a") as stream:
                 stream.write(json.dumps(entry) + "\n")
+            accelerator.log({"train/loss": entry["loss"], "train/lr": entry["lr"]}, step=done)
         interval = int(tc["checkpoint_interval"])
         if (interval > 0 and done % interval == 0) or done == end:
             accelerator.wait_for_everyone()
@@ -608,9 +640,11 @@ def train(config: str | os.PathLike | Mapping[str, Any], resume: bool = False, s
     if finished and accelerator.is_main_process:
         save_segmentor(raw_model, output_dir, mc, {"seed": seed, "step": end})
         if evaluate_at_end and val_sets:
-            results = evaluate_sets(raw_model, config, val_sets)
+            results = evaluate_sets(raw_model, config, val_sets, progress=progress)
+            accelerator.log({f"val/{name}/mIoU": r["mIoU"] for name, r in results.items()}, step=end)
             (output_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
             say(results_table({Path(output_dir).name: results}))
+    accelerator.end_training()
     return {"step": end if start < end else start, "loss": loss_value, "results": results, "output_dir": str(output_dir),
             "seconds": time.perf_counter() - started, "finished": finished, "model": raw_model}
 
