@@ -15,6 +15,7 @@ __version__ = "0.1.0"
 from .api import inject_rein
 from .checkpoint import adapter_state_dict, load_adapters, read_adapter_config, save_adapters
 from .domain import DEFAULT_DRIVING_DOMAINS, DomainEmbedder, condition_prompts, domain_embedding
+from .hub import from_pretrained, push_adapters_to_hub, resolve_adapter_source, save_pretrained
 from .hosts import HostSpec, UnsupportedModelError, describe_host, register_host, supported_families
 from .methods import (
     AdapterError,
@@ -46,6 +47,7 @@ __all__ = [
     "DominoConfig",
     "DominoNorm",
     "format_count",
+    "from_pretrained",
     "HostSpec",
     "inject_adaptformer",
     "inject_domain_rein",
@@ -59,13 +61,16 @@ __all__ = [
     "LoRAConfig",
     "merge_lora",
     "parameter_report",
+    "push_adapters_to_hub",
     "read_adapter_config",
     "register_host",
     "rein_queries",
     "ReinConfig",
     "remove_adapters",
+    "resolve_adapter_source",
     "save_adapters",
     "save_lora_for_peft",
+    "save_pretrained",
     "set_domain_embedding",
     "supported_families",
     "trainable_parameters",
