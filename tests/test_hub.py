@@ -221,7 +221,7 @@ def test_push_uploads_both_files_and_a_model_card_in_one_commit(recording_api, o
     for expected in [
         "library_name: vfm_adapters", "base_model: timm/vit_small_patch14_dinov2.lvd142m", "- rein",
         "`timm.VisionTransformer`, width 64, 2 blocks", "`token_length=5`", "`rank=3`",
-        f"Adapter parameters: {count:,}", f"vfm_adapters](https://pypi.org/project/vfm-adapters/) {va.__version__}",
+        f"Adapter parameters: {count:,}", f"`vfm_adapters` {va.__version__}",
         'va.load_adapters(model, "someuser/rein-tiny")',
         'timm.create_model("hf-hub:timm/vit_small_patch14_dinov2.lvd142m", pretrained=True)',
     ]:
@@ -249,6 +249,7 @@ def test_push_from_a_directory_and_refusals_before_any_upload(recording_api, tmp
     assert commit["files"][CONFIG_NAME] == (saved / CONFIG_NAME).read_bytes()
     assert commit["files"][WEIGHTS_NAME] == (saved / WEIGHTS_NAME).read_bytes()
     assert commit["commit_message"] == "Upload rein adapters with vfm_adapters"
+    assert "model = ...  # your timm.VisionTransformer host: width 64, 2 blocks" in commit["files"]["README.md"].decode()
 
     recording_api.calls = []
     (saved / WEIGHTS_NAME).unlink()
@@ -370,3 +371,28 @@ def test_timm_host_weights_from_a_local_file_with_adapters(where, offline_hub, t
     images = torch.randn(1, 3, 56, 56)
     with torch.no_grad():
         assert torch.equal(model.forward_features(images), trained.forward_features(images))
+
+
+def test_transformers_push_to_hub_uploads_the_adapters_too(offline_hub, monkeypatch, tmp_path):
+    """model.push_to_hub saves through model.save_pretrained, so the guarded one carries the adapters."""
+    import types
+
+    import transformers.utils.hub as transformers_hub
+
+    model, images = adapted_hf_dinov2(("rein",))
+    fake_api = types.SimpleNamespace(create_repo=lambda repo_id, **options: types.SimpleNamespace(repo_id=repo_id))
+    monkeypatch.setattr(transformers_hub, "_hf_api", fake_api)
+    uploaded: dict[str, bytes] = {}
+
+    def capture(folder, repo_id, **options):
+        uploaded.update(directory_files(Path(folder)))
+
+    monkeypatch.setattr(model, "_upload_modified_files", capture, raising=False)
+    with pytest.warns(UserWarning, match="vfm_adapters.from_pretrained"):
+        model.push_to_hub("org/dinov2-rein")
+    assert {CONFIG_NAME, WEIGHTS_NAME, "config.json", "model.safetensors"} <= set(uploaded)
+
+    write_hub_cache(offline_hub, "org/dinov2-rein", uploaded, MAIN_COMMIT)
+    with torch.no_grad():
+        loaded = va.from_pretrained(transformers.Dinov2Model, "org/dinov2-rein")
+        assert torch.equal(token_output(loaded, images), token_output(model, images))

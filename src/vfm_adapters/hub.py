@@ -251,12 +251,21 @@ def adapter_model_card(directory: str | os.PathLike, repo_id: str, base_model: s
     )
     host_code = base_model and f'from_pretrained("{base_model}")'
     example = _family_example(family)
+    imports = ""
+    if family and family.startswith("transformers."):
+        imports = f"from transformers import {family.split('.', 1)[1]}\n"
+    elif family and family.startswith("timm."):
+        imports = "import timm\n"
     if base_model and family and family.startswith("transformers."):
         build = f"{family.split('.', 1)[1]}.{host_code}"
     elif base_model and family and family.startswith("timm."):
         build = f'timm.create_model("hf-hub:{base_model}", pretrained=True)'
+    elif host:
+        build = f"...  # your {family} host: width {host.get('embed_dim')}, {host.get('depth')} blocks"
+        if example:
+            build += f" (e.g. {example})"
     else:
-        build = example or "...  # the host model these adapters were trained on"
+        build = "...  # the model these adapters were trained on"
     return f"""---
 {metadata}
 ---
@@ -264,7 +273,7 @@ def adapter_model_card(directory: str | os.PathLike, repo_id: str, base_model: s
 # {repo_id}
 
 Parameter-efficient adapters ({", ".join(order)}) for a vision foundation model, saved with
-[vfm_adapters](https://pypi.org/project/vfm-adapters/) {config.get("library_version", "?")}
+`vfm_adapters` {config.get("library_version", "?")}
 (adapter format version {config.get("format_version", "?")}).
 
 {host_line}
@@ -279,7 +288,7 @@ weights are not part of this repository.
 ## How to load
 
 ```python
-import vfm_adapters as va
+{imports}import vfm_adapters as va
 
 model = {build}
 model = va.load_adapters(model, "{repo_id}")
@@ -545,10 +554,8 @@ def from_pretrained(
         _view_without_adapters(directory, Path(view))
         model = model_class.from_pretrained(view, *args, **kwargs)
     config = getattr(model, "config", None)
-    if config is not None and hasattr(config, "_name_or_path"):
-        config._name_or_path = str(source)
-    if hasattr(model, "name_or_path") and not isinstance(getattr(type(model), "name_or_path", None), property):
-        model.name_or_path = str(source)
+    if config is not None and hasattr(config, "name_or_path"):
+        config.name_or_path = str(source)  # not the temporary view it was read from
     return load_adapters(model, directory)
 
 
