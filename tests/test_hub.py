@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import os
+import types
 from pathlib import Path
 
 import huggingface_hub
@@ -184,6 +185,11 @@ class RecordingHfApi:
 
     def create_repo(self, repo_id, **options):
         RecordingHfApi.calls.append(("create_repo", dict(repo_id=repo_id, **options)))
+        return types.SimpleNamespace(repo_id=repo_id)
+
+    def upload_folder(self, *, repo_id, folder_path, **options):
+        files = directory_files(Path(folder_path))
+        RecordingHfApi.calls.append(("upload_folder", dict(repo_id=repo_id, files=files, **options)))
 
     def create_commit(self, repo_id, operations, **options):
         files = {}
@@ -375,8 +381,6 @@ def test_timm_host_weights_from_a_local_file_with_adapters(where, offline_hub, t
 
 def test_transformers_push_to_hub_uploads_the_adapters_too(offline_hub, monkeypatch, tmp_path):
     """model.push_to_hub saves through model.save_pretrained, so the guarded one carries the adapters."""
-    import types
-
     import transformers.utils.hub as transformers_hub
 
     model, images = adapted_hf_dinov2(("rein",))
@@ -396,3 +400,16 @@ def test_transformers_push_to_hub_uploads_the_adapters_too(offline_hub, monkeypa
     with torch.no_grad():
         loaded = va.from_pretrained(transformers.Dinov2Model, "org/dinov2-rein")
         assert torch.equal(token_output(loaded, images), token_output(model, images))
+
+
+def test_save_pretrained_with_push_to_hub_uploads_after_the_adapters_are_written(recording_api, tmp_path):
+    model, _ = adapted_hf_dinov2(("rein",))
+    with pytest.warns(UserWarning, match="vfm_adapters.from_pretrained"):
+        model.save_pretrained(tmp_path / "out", push_to_hub=True, repo_id="org/dinov2-rein", private=True,
+                              commit_message="v1")
+    kinds = [kind for kind, _ in recording_api.calls]
+    assert kinds == ["init", "create_repo", "upload_folder"]
+    assert recording_api.calls[1][1]["private"] is True
+    upload = recording_api.calls[2][1]
+    assert upload["repo_id"] == "org/dinov2-rein" and upload["commit_message"] == "v1"
+    assert {CONFIG_NAME, WEIGHTS_NAME, "config.json", "model.safetensors"} <= set(upload["files"])

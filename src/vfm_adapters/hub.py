@@ -163,8 +163,6 @@ def resolve_adapter_source(
         try:
             local = Path(hf_hub_download(source, filename, revision=pinned, **options))
         except Exception as error:  # noqa: BLE001 - every Hub failure becomes one clear message
-            if isinstance(error, (KeyboardInterrupt, SystemExit)):
-                raise
             raise FileNotFoundError(f"{here}, and {_hub_failure(source, revision, filename, error)}") from error
         if snapshot is None:
             snapshot = local.parent
@@ -440,7 +438,8 @@ def save_pretrained(model: nn.Module, directory: str | os.PathLike, *args: Any, 
     ``model.safetensors``; extra arguments are passed on), but with its original tensor
     names and without the adapter tensors, so ``from_pretrained`` reads it cleanly; the
     adapters go beside it as ``adapter_config.json`` + ``adapter_model.safetensors``.
-    Load it with :func:`from_pretrained` (``va.load_adapters(model, directory)`` also
+    With ``push_to_hub=True`` (and ``repo_id=``, ``commit_message=``, ``private=``, as for
+    transformers) the whole directory is uploaded once both are written. Load it with :func:`from_pretrained` (``va.load_adapters(model, directory)`` also
     reads the adapter files). Everything is checked before the first file is written.
 
     Example:
@@ -464,9 +463,28 @@ def save_pretrained(model: nn.Module, directory: str | os.PathLike, *args: Any, 
         state_dict = host_state_dict(model)
     if any(t.is_meta for t in state_dict.values()):
         raise AdapterError("cannot save a model on the meta device: its tensors hold no values")
+    # transformers' own push_to_hub=True would upload before the adapters are written: push here, after.
+    push = kwargs.pop("push_to_hub", False)
+    hub_options = {key: kwargs.pop(key) for key in ("repo_id", "commit_message", "create_pr", "private") if key in kwargs}
+    main_process = kwargs.get("is_main_process", args[0] if args else True)
     directory = Path(directory)
     type(model).save_pretrained(model, directory, *args, state_dict=state_dict, **kwargs)
+    if not main_process:
+        return directory
     save_adapters(model, directory)
+    if push:
+        from huggingface_hub import HfApi
+
+        api = HfApi(token=kwargs.get("token"), library_name=LIBRARY_NAME, library_version=_library_version())
+        repo_id = api.create_repo(
+            hub_options.get("repo_id", directory.resolve().name), private=hub_options.get("private"), exist_ok=True
+        ).repo_id
+        api.upload_folder(
+            repo_id=repo_id,
+            folder_path=directory,
+            commit_message=hub_options.get("commit_message") or "Upload model and vfm_adapters adapters",
+            create_pr=hub_options.get("create_pr", False),
+        )
     return directory
 
 
