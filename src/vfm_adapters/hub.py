@@ -56,8 +56,7 @@ def _library_version() -> str:
 
 def _hub_id_problem(source: str) -> str | None:
     """Why ``source`` cannot be a Hub repo id, or ``None`` if it can."""
-    from huggingface_hub.errors import HFValidationError
-    from huggingface_hub.utils import validate_repo_id
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
 
     try:
         validate_repo_id(source)
@@ -77,7 +76,7 @@ def _offline_reason() -> str:
 def _hub_failure(repo_id: str, revision: str | None, filename: str, error: Exception) -> str:
     """A sentence saying what went wrong on the Hub side (or with its cache)."""
     from huggingface_hub import constants
-    from huggingface_hub.errors import (
+    from huggingface_hub.utils import (
         EntryNotFoundError,
         GatedRepoError,
         LocalEntryNotFoundError,
