@@ -318,6 +318,14 @@ def test_plain_save_pretrained_keeps_the_adapters_and_says_how_to_load(tmp_path)
     with pytest.raises(TypeError, match="peft_type"):
         transformers.Dinov2Model.from_pretrained(tmp_path / "plain")
 
+    # A full state dict passed in (as transformers' Trainer does) is written under the host's names too.
+    with pytest.warns(UserWarning):
+        model.save_pretrained(tmp_path / "trainer", state_dict=model.state_dict())
+    assert set(load_file(tmp_path / "trainer" / "model.safetensors")) == set(load_file(tmp_path / "plain" / "model.safetensors"))
+    with torch.no_grad():
+        loaded = va.from_pretrained(transformers.Dinov2Model, tmp_path / "trainer")
+        assert torch.equal(token_output(loaded, images), token_output(model, images))
+
     # A deep copy saves its own adapters; without adapters save_pretrained is the class's again.
     duplicate = copy.deepcopy(model)
     assert duplicate.save_pretrained.model is duplicate

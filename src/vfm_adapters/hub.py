@@ -376,13 +376,18 @@ def _is_transformers_model(model: nn.Module) -> bool:
     )
 
 
-def host_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+def host_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """The host's own tensors under their original names: what a plain checkpoint of it holds.
 
     Adapter modules (under ``model.vfm_adapters``) are left out; layers that LoRA wrapped
     (PEFT's ``base_layer`` convention) are given back their original names. Every host
     parameter present at injection must come out under its original name, or this
     raises instead of writing a checkpoint that would reload wrongly.
+
+    Args:
+        model: The model with adapters.
+        state_dict: Tensors to filter instead of ``model.state_dict()`` (transformers'
+            ``Trainer`` passes its own to ``save_pretrained``); keyed like ``model.state_dict()``.
 
     Raises:
         AdapterError: LoRA is merged into the host weights, or a method renamed host
@@ -408,7 +413,7 @@ def host_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
                 )
             wrapped.append(name)
     result: dict[str, torch.Tensor] = {}
-    for key, value in model.state_dict().items():
+    for key, value in (model.state_dict() if state_dict is None else state_dict).items():
         if key == ADAPTERS_ATTRIBUTE or key.startswith(ADAPTERS_ATTRIBUTE + "."):
             continue
         owner = next((w for w in wrapped if key.startswith(w + ".")), None)
@@ -457,9 +462,7 @@ def save_pretrained(model: nn.Module, directory: str | os.PathLike, *args: Any, 
         )
     if injection_state(model) is None:
         raise AdapterError("this model has no adapters; use model.save_pretrained for a plain model")
-    state_dict = kwargs.pop("state_dict", None)
-    if state_dict is None:
-        state_dict = host_state_dict(model)
+    state_dict = host_state_dict(model, kwargs.pop("state_dict", None))
     if any(t.is_meta for t in state_dict.values()):
         raise AdapterError("cannot save a model on the meta device: its tensors hold no values")
     # transformers' own push_to_hub=True would upload before the adapters are written: push here, after.
