@@ -57,6 +57,10 @@ _EXPORTS: dict[str, str] = {
     "format_count": ".report",
     "parameter_report": ".report",
     "trainable_parameters": ".report",
+    "from_pretrained": ".hub",
+    "push_adapters_to_hub": ".hub",
+    "resolve_adapter_source": ".hub",
+    "save_pretrained": ".hub",
 }
 
 __all__ = ["__version__", *_EXPORTS]
@@ -96,3 +100,4 @@ if TYPE_CHECKING:  # static type checkers and IDEs see the eager imports
     from .methods.lora import LoRAConfig, inject_lora, lora_layers, merge_lora, save_lora_for_peft, unmerge_lora
     from .methods.vpt import VPTConfig, inject_vpt
     from .report import format_count, parameter_report, trainable_parameters
+    from .hub import from_pretrained, push_adapters_to_hub, resolve_adapter_source, save_pretrained

@@ -140,8 +140,18 @@ def _check_host(saved: dict[str, Any] | None, model: nn.Module) -> None:
             )
 
 
-def load_adapters(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
+def load_adapters(
+    model: nn.Module,
+    directory: str | os.PathLike,
+    *,
+    revision: str | None = None,
+    token: str | bool | None = None,
+) -> nn.Module:
     """Loads adapters saved by :func:`save_adapters`, injecting methods not yet present.
+
+    ``directory`` may also be a Hugging Face Hub id (``"org/name"``), fetched through
+    ``huggingface_hub`` at ``revision`` with ``token``; a local directory of the same
+    spelling always wins (see :func:`vfm_adapters.hub.resolve_adapter_source`).
 
     Loading is strict: every saved tensor must match an adapter tensor of the same
     shape, and every adapter tensor must be in the file. On any error the model is left
@@ -155,6 +165,9 @@ def load_adapters(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
         >>> va.injected_methods(va.load_adapters(make(), path))
         ['rein']
     """
+    from .hub import resolve_adapter_source
+
+    directory = resolve_adapter_source(directory, revision=revision, token=token)
     directory = Path(directory)
     config = read_adapter_config(directory)
     tensors = _read_tensors(directory)

@@ -237,6 +237,9 @@ def inject(model: nn.Module, method_name: str, config: MethodConfig, freeze_host
         state.host = host
     if new_state:
         object.__setattr__(model, STATE_ATTRIBUTE, state)
+        from ..hub import guard_save_pretrained  # transformers hosts: save_pretrained keeps the adapters
+
+        guard_save_pretrained(model)
     if freeze_host:
         _freeze_host(model, state)
     return model
@@ -280,4 +283,7 @@ def remove_adapters(model: nn.Module, method_name: str | None = None) -> nn.Modu
             if name in state.original_requires_grad:
                 param.requires_grad_(state.original_requires_grad[name])
         object.__delattr__(model, STATE_ATTRIBUTE)
+        from ..hub import unguard_save_pretrained
+
+        unguard_save_pretrained(model)
     return model
