@@ -480,8 +480,16 @@ def make_accelerator(train_config: Mapping[str, Any]):
             find_unused_parameters=bool(train_config.get("find_unused_parameters", False)))],
     )
     if log_with:
+        requested = [log_with] if isinstance(log_with, str) else list(log_with)
         accelerator.init_trackers("vfm-adapters", config={k: v for k, v in train_config.items()
                                                           if isinstance(v, (int, float, str, bool))})
+        started = {tracker.name for tracker in accelerator.trackers}
+        missing = [name for name in requested if name != "all" and name not in started]
+        if missing or not started:
+            raise ConfigError(
+                f"train.log_with: tracker(s) {missing or requested} could not start (not installed?); install them, e.g. "
+                "pip install 'vfm-adapters[tensorboard]' for tensorboard, or remove train.log_with"
+            )
     return accelerator
 
 
