@@ -33,7 +33,7 @@ model (a timm ``features_only`` encoder such as CLIP ConvNeXt-L + a decode head)
     train: {iterations: 40000, batch_size: 2, seed: 0, output_dir: runs/dacs}
     dacs: {ema_alpha: 0.999, ...}          # DACSConfig fields
     self_training: {ema_interval: 100, ...}  # SelfTrainingConfig fields
-    sam: {model: null, refine: {min_component_pixels: 5000}}   # a SamModel path/hub id enables refinement
+    sam: {enabled: true, model: null, refine: {min_component_pixels: 5000}}   # model null: DEFAULT_SAM (sam-vit-base)
     eval: {mode: slide, crop: 512, stride: 341}
 """
 
@@ -92,7 +92,7 @@ DEFAULTS: dict[str, Any] = {
     "train": {"iterations": 40000, "batch_size": 2, "seed": 0, "log_interval": 50, "output_dir": "runs/adaptation"},
     "dacs": {},
     "self_training": {},
-    "sam": {"model": None, "refine": {}},
+    "sam": {"enabled": None, "model": None, "refine": {}},
     "eval": copy.deepcopy(seg_training.DEFAULTS["eval"]),
 }
 
@@ -208,12 +208,12 @@ def build_trainer(config: Mapping[str, Any], model: nn.Module | None = None) -> 
     if config["recipe"] == "dacs":
         return DACSTrainer(model, optimizer, DACSConfig.from_dict({**norm, **config["dacs"]}), scheduler)
     refiner = None
-    if config["sam"].get("model"):
-        from transformers import SamModel
-
+    sam = config["sam"]
+    if sam.get("enabled") or (sam.get("enabled") is None and sam.get("model")):
         from .sam_refine import SamRefiner
 
-        refiner = SamRefiner(SamModel.from_pretrained(config["sam"]["model"]), config["sam"].get("refine") or {})
+        # loaded on first use (so a config builds offline / on the meta device)
+        refiner = SamRefiner.from_pretrained(sam.get("model"), sam.get("refine") or {})
     return SelfTrainer(model, optimizer, SelfTrainingConfig.from_dict({**norm, **config["self_training"]}), refiner,
                        scheduler, oc["grad_clip"])
 
