@@ -69,3 +69,137 @@ def test_sam_default_is_a_small_sam_loaded_on_first_use():
     assert trainer.refiner.name == DEFAULT_SAM and trainer.refiner.config.min_component_pixels == 5000
     off = build_trainer(load_adaptation_config({**cfg, "sam": {"enabled": False, "model": "x"}}))
     assert off.refiner is None
+
+
+# ----------------------------------------------------------------------------- 3. DACS / DAFormer
+from torch import nn  # noqa: E402
+
+from vfm_adapters.adaptation import DACSConfig, DACSTrainer, RareClassSampler, class_mix_mask  # noqa: E402
+from vfm_adapters.adaptation.dacs import RareClassCrops, RareClassPositions, class_mix_masks  # noqa: E402
+
+
+class ScalarSegmentor(nn.Module):
+    """logits = w * (x[:, :2]): one weight, so the teacher's trajectory is checked by hand."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.tensor(1.0))
+
+    def forward(self, x):
+        return self.w * x[:, :2]
+
+
+@pytest.mark.parametrize("timing", ["before", "after"])
+def test_teacher_timing_against_a_hand_computation(timing):
+    student = ScalarSegmentor()
+    trainer = DACSTrainer(student, torch.optim.SGD(student.parameters(), lr=0.5),
+                          DACSConfig(ema_alpha=0.6, ema_timing=timing, blur_p=0.0, jitter_p=0.0))
+    g = torch.Generator().manual_seed(0)
+    src, tgt = torch.randn(2, 3, 4, 4, generator=g), torch.randn(2, 3, 4, 4, generator=g)
+    lbl = torch.randint(0, 2, (2, 4, 4), generator=g)
+    students, teachers, seen = [1.0], [], []
+    spy = trainer.teacher.register_forward_hook(lambda m, i, o: seen.append(m.w.item()))
+    for _ in range(4):
+        trainer.step(src, lbl, tgt)
+        students.append(student.w.item())
+        teachers.append(trainer.teacher.w.item())
+    spy.remove()
+    s0, s1, s2, s3, _ = students
+    a1, a2, a3 = 0.5, 0.6, 0.6  # min(1 - 1/(t+1), 0.6) for t = 1, 2, 3 (and a0 = 0)
+    if timing == "before":  # DAFormer: teacher of step t = EMA with alpha(t) of the student after t steps
+        t0 = s0
+        t1 = a1 * t0 + (1 - a1) * s1
+        t2 = a2 * t1 + (1 - a2) * s2
+        t3 = a3 * t2 + (1 - a3) * s3
+        assert seen == pytest.approx([t0, t1, t2, t3], abs=1e-6)  # pseudo labels come from the updated teacher
+        assert teachers == pytest.approx([t0, t1, t2, t3], abs=1e-6)
+    else:  # DACS: after step t with alpha(t); step 0 copies the student
+        t0 = students[1]
+        t1 = a1 * t0 + (1 - a1) * students[2]
+        t2 = a2 * t1 + (1 - a2) * students[3]
+        assert seen[:3] == pytest.approx([s0, t0, t1], abs=1e-6)
+        assert teachers[:3] == pytest.approx([t0, t1, t2], abs=1e-6)
+    assert len(set(round(s, 6) for s in students)) == 5  # the student moved every step
+
+
+def test_class_mix_draws_half_of_the_batch_classes_including_ignore():
+    labels = torch.full((2, 6, 6), 255)
+    labels[0, :2], labels[0, 2:4], labels[0, 4:] = 0, 1, 2   # image 0: {0, 1, 2}, no ignore
+    labels[1, :2], labels[1, 2:4] = 3, 4                      # image 1: {3, 4, 255}
+    candidates = {0, 1, 2, 3, 4, 255}
+    saw_ignore = [False, False]
+    for seed in range(60):
+        masks, chosen = class_mix_masks(labels, torch.Generator().manual_seed(seed))
+        for i in range(2):
+            picked = set(chosen[i].tolist())
+            assert len(picked) == 3 and picked <= candidates  # 6 candidates -> 3, drawn from the whole batch
+            assert torch.equal(masks[i], torch.isin(labels[i], chosen[i]))
+            saw_ignore[i] |= 255 in picked
+        if 255 in chosen[1].tolist():
+            assert bool(masks[1][labels[1] == 255].all())  # ignored source pixels are pasted
+    assert all(saw_ignore)
+    odd = labels.clone()
+    odd[1, 2:4] = 3  # unique {0, 1, 2, 3, 255}: 5 -> 3 per image
+    assert [len(c) for c in class_mix_masks(odd, torch.Generator().manual_seed(0))[1]] == [3, 3]
+    image_scope = class_mix_masks(labels, torch.Generator().manual_seed(0), scope="image")[1]
+    assert [len(c) for c in image_scope] == [2, 1] and all(255 not in c.tolist() for c in image_scope)
+    with pytest.raises(ValueError, match="scope"):
+        class_mix_masks(labels, scope="pair")
+    # the same draw as DAFormer's get_class_masks: a permutation of the batch's unique values
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    _, chosen = class_mix_masks(labels, g1)
+    assert chosen[0].tolist() == class_mix_mask(labels[0], g2, classes=torch.unique(labels))[1].tolist()
+
+
+def _one_image(size=40, rare=(30, 36)):
+    label = torch.zeros(size, size, dtype=torch.long)
+    label[:, rare[0]:rare[1]] = 1   # class 1 only in a thin band of columns
+    return [{"image": torch.rand(3, size, size), "label": label}]
+
+
+def test_rare_class_crops_redraw_until_the_crop_holds_the_class():
+    from vfm_adapters.seg.transforms import RandomCrop
+
+    data = _one_image()
+    counts = np.array([[40 * 34, 40 * 6]])
+    sampler = RareClassSampler(counts, temperature=0.01, min_pixels=100, length=30, seed=0)
+    keys = list(RareClassPositions(sampler))
+    assert [k[0] for k in keys] == list(range(30)) and {k[2] for k in keys} <= {0, 1}
+    crops = RareClassCrops(data, RandomCrop((16, 16)), seed=0, min_pixels=100, min_crop_ratio=0.5)
+    plain = RareClassCrops(data, RandomCrop((16, 16)), seed=0, min_pixels=100, min_crop_ratio=0.0)
+    redrawn = 0
+    for position in range(30):
+        got = crops[(position, 0, 1)]
+        assert int((got["label"] == 1).sum()) > 50 or crops.attempts == [10]
+        redrawn += crops.attempts[0] > 0
+        first = plain[(position, 0, 1)]  # no re-drawing: the first crop of the same seed
+        if crops.attempts == [0]:
+            assert torch.equal(first["label"], got["label"])
+    assert redrawn > 5  # a 16-px crop of 40 often misses the 6-px band; the re-draws fix it
+    never = RareClassCrops(data, RandomCrop((16, 16)), seed=0, min_pixels=10_000, min_crop_ratio=0.5)
+    never[(0, 0, 1)]
+    assert never.attempts == [10]  # at most 10 re-draws, as DAFormer
+
+
+def test_uda_configs_use_the_fixed_resize_and_daformer_options():
+    import glob
+    from pathlib import Path
+
+    from vfm_adapters.adaptation import load_adaptation_config
+    from vfm_adapters.adaptation.recipes import adaptation_transform
+
+    root = Path(__file__).resolve().parents[1] / "examples" / "configs" / "adaptation"
+    for path in glob.glob(str(root / "dacs_*.yaml")):
+        cfg = load_adaptation_config(path)
+        data = cfg["data"]
+        assert data["ratio_range"] is None and data["cat_max_ratio"] == 0.75 and data["crop_size"] == [512, 512]
+        assert data["scale"] == [1280, 720] and data["target_scale"] == [1024, 512]
+        assert data["rare_class_sampling"]["min_crop_ratio"] == 0.5
+        assert cfg["dacs"]["ema_timing"] == "before" and cfg["dacs"]["class_mix_scope"] == "batch"
+    gta = {"image": torch.zeros(3, 1052, 1914, dtype=torch.uint8), "label": torch.zeros(1052, 1914, dtype=torch.long)}
+    city = {"image": torch.zeros(3, 1024, 2048, dtype=torch.uint8)}
+    for scale, sample, shape in (((1280, 720), gta, (704, 1280)), ((1024, 512), city, (512, 1024))):
+        t = adaptation_transform((512, 512), scale, None, 0.75, 0.5, False, (0, 0, 0), (1, 1, 1))
+        sizes = {tuple(t.transforms[0](sample, rng=np.random.default_rng(s))["image"].shape[-2:]) for s in range(3)}
+        assert sizes == {shape}  # fixed: the same size for every draw
+        assert t(sample, rng=np.random.default_rng(0))["image"].shape[-2:] == (512, 512)

@@ -42,7 +42,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.data import Sampler
+from torch.utils.data import Dataset, Sampler
 
 from ..seg.datasets import IGNORE_INDEX
 from ..seg.transforms import IMAGENET_MEAN, IMAGENET_STD
@@ -55,6 +55,9 @@ __all__ = [
     "RareClassSampler",
     "class_mix",
     "class_mix_mask",
+    "class_mix_masks",
+    "RareClassCrops",
+    "RareClassPositions",
     "class_pixel_counts",
     "confidence_weight",
     "dacs_step",
@@ -112,17 +115,21 @@ def confidence_weight(max_probs: Tensor, threshold: float = 0.968, per: str = "b
 
 
 def class_mix_mask(
-    label: Tensor, generator: torch.Generator | None = None, ignore_index: int = IGNORE_INDEX
+    label: Tensor, generator: torch.Generator | None = None, ignore_index: int = IGNORE_INDEX,
+    classes: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """ClassMix mask of one source label: pixels of half of its classes.
+    """ClassMix mask of one source label: pixels of half of the candidate classes.
 
-    The classes present (``ignore_index`` excluded) are permuted at random and the first
-    ``(n + n % 2) // 2`` kept, as DACS rounds (3 classes -> 2, 4 -> 2, 1 -> 1).
+    The candidates (by default the classes present in ``label``, ``ignore_index``
+    excluded) are permuted at random and the first ``(n + n % 2) // 2`` kept, as DACS
+    rounds (3 classes -> 2, 4 -> 2, 1 -> 1). :func:`class_mix_masks` passes the
+    candidates of the whole batch, as the authors' code does.
 
     Args:
         label: ``(H, W)`` source label.
         generator: Source of randomness.
-        ignore_index: Label value that is never pasted.
+        ignore_index: Label value that is not a candidate when ``classes`` is ``None``.
+        classes: Candidate classes (may hold values absent from ``label``, and ``ignore_index``).
 
     Returns:
         ``(mask, classes)``: a bool ``(H, W)`` mask and the chosen classes.
@@ -132,11 +139,42 @@ def class_mix_mask(
         >>> len(classes), int(mask.sum())
         (2, 2)
     """
-    classes = torch.unique(label)
-    classes = classes[classes != ignore_index]
+    if classes is None:
+        classes = torch.unique(label)
+        classes = classes[classes != ignore_index]
     n = classes.numel()
     chosen = classes[torch.randperm(n, generator=generator)[: (n + n % 2) // 2].to(classes.device)]
     return torch.isin(label, chosen), chosen
+
+
+def class_mix_masks(
+    labels: Tensor, generator: torch.Generator | None = None, scope: str = "batch", ignore_index: int = IGNORE_INDEX,
+) -> tuple[Tensor, list[Tensor]]:
+    """ClassMix masks of a batch of source labels ``(B, H, W)``.
+
+    ``scope="batch"`` is what the DACS and DAFormer code do (``get_class_masks``): the
+    candidates of EVERY image are ``torch.unique`` over the whole batch's labels, the
+    ignore value included, so an image may draw classes it does not hold (they paste
+    nothing) or the ignore value (its pixels are pasted with their ignored label).
+    ``scope="image"`` is the papers' description: the classes of the image itself,
+    ``ignore_index`` excluded.
+
+    Returns:
+        ``(masks (B, H, W) bool, chosen classes per image)``.
+
+    Example:
+        >>> labels = torch.tensor([[[0, 0], [1, 1]], [[2, 2], [255, 255]]])
+        >>> masks, chosen = class_mix_masks(labels, torch.Generator().manual_seed(0))
+        >>> [len(c) for c in chosen]   # 4 candidates {0, 1, 2, 255} -> 2 per image
+        [2, 2]
+        >>> [len(c) for c in class_mix_masks(labels, scope="image")[1]]   # {0, 1} -> 1, {2} -> 1
+        [1, 1]
+    """
+    if scope not in ("batch", "image"):
+        raise ValueError(f"class-mix scope must be 'batch' (the authors' code) or 'image', got {scope!r}")
+    candidates = torch.unique(labels) if scope == "batch" else None
+    pairs = [class_mix_mask(label, generator, ignore_index, candidates) for label in labels]
+    return torch.stack([m for m, _ in pairs]), [c for _, c in pairs]
 
 
 def class_mix(
@@ -274,8 +312,9 @@ class RareClassSampler(Sampler):
     then uniformly an image holding more than ``min_pixels`` of it (DAFormer: 3000).
 
     Classes with no such image are dropped from the distribution (renormalised).
-    DAFormer also re-draws the crop until it holds half of ``min_pixels`` of the class;
-    that lives in the crop transform and is not done here.
+    DAFormer also re-draws the crop until it holds more than ``min_pixels x min_crop_ratio``
+    pixels of the class: :meth:`draws` gives the sampled class beside each index, and
+    :class:`RareClassCrops` does the re-drawing.
 
     Args:
         counts: ``(N, K)`` class pixel counts (:func:`class_pixel_counts`).
@@ -303,15 +342,92 @@ class RareClassSampler(Sampler):
         self.probabilities = prob / prob.sum()
         self.length, self.seed, self.epoch = int(length), int(seed), 0
 
-    def __iter__(self) -> Iterator[int]:
+    def draws(self) -> Iterator[tuple[int, int]]:
+        """``(image index, sampled class)`` pairs of one pass (what ``__iter__`` yields, plus the class)."""
         rng = np.random.default_rng([self.seed, self.epoch])
         self.epoch += 1
         for _ in range(self.length):
             c = int(rng.choice(self.classes, p=self.probabilities))
-            yield int(rng.choice(self.images[c]))
+            yield int(rng.choice(self.images[c])), c
+
+    def __iter__(self) -> Iterator[int]:
+        for index, _ in self.draws():
+            yield index
 
     def __len__(self) -> int:
         return self.length
+
+
+class RareClassCrops(Dataset):
+    """DAFormer's rare-class crops: a source sample transformed until its crop holds the class.
+
+    Indexed by ``(position, index, class)`` (from :meth:`RareClassSampler.draws` and a
+    stream position). The sample ``index`` is transformed with a generator seeded by
+    ``(seed, position)``; while the crop holds at most ``min_pixels * min_crop_ratio``
+    pixels of ``class`` (DAFormer: 3000 x 0.5), the same image is transformed again (its
+    random rescale, crop and flip redrawn) with a generator seeded by
+    ``(seed, position, attempt)``, up to ``max_redraws`` (10) times, as DAFormer's
+    ``UDADataset.get_rare_class_sample`` does. The last draw is kept even if it misses.
+
+    Args:
+        dataset: The source dataset (with ``load(index)`` or ``__getitem__``).
+        transform: ``transform(sample, rng=...)`` giving a labelled crop.
+        seed: Seed of the augmentation.
+        min_pixels: RCS's ``min_pixels`` (3000).
+        min_crop_ratio: RCS's ``min_crop_ratio`` (0.5); 0 disables the re-drawing.
+        max_redraws: Re-draws at most (10).
+
+    Example:
+        >>> from vfm_adapters.seg.transforms import RandomCrop
+        >>> label = torch.zeros(8, 8, dtype=torch.long); label[:, 6:] = 1
+        >>> data = [{"image": torch.zeros(3, 8, 8), "label": label}]
+        >>> crops = RareClassCrops(data, RandomCrop((4, 4)), min_pixels=4, min_crop_ratio=1.0)
+        >>> int((crops[(0, 0, 1)]["label"] == 1).sum()) > 4
+        True
+    """
+
+    def __init__(self, dataset: Any, transform: Any, seed: int = 0, min_pixels: int = 3000,
+                 min_crop_ratio: float = 0.5, max_redraws: int = 10) -> None:
+        self.dataset, self.transform, self.seed = dataset, transform, int(seed)
+        self.threshold = float(min_pixels) * float(min_crop_ratio)
+        self.min_crop_ratio, self.max_redraws = float(min_crop_ratio), int(max_redraws)
+        self.attempts: list[int] = []  # re-draws of the last call (for inspection)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int, int]) -> dict[str, Any]:
+        position, index, cls = (int(k) for k in key)
+        raw = self.dataset.load(index) if hasattr(self.dataset, "load") else self.dataset[index]
+        sample = self.transform(dict(raw), rng=np.random.default_rng([self.seed, position]))
+        redraws = 0
+        if self.min_crop_ratio > 0:
+            while int((sample["label"] == cls).sum()) <= self.threshold and redraws < self.max_redraws:
+                redraws += 1
+                sample = self.transform(dict(raw), rng=np.random.default_rng([self.seed, position, redraws]))
+        self.attempts = [redraws]
+        sample["source"] = 0
+        return sample
+
+
+class RareClassPositions(Sampler):
+    """``(position, index, class)`` keys for :class:`RareClassCrops` from a :class:`RareClassSampler`.
+
+    Example:
+        >>> keys = list(RareClassPositions(RareClassSampler(np.array([[5000, 4000]]), length=2), start=3))
+        >>> [k[:2] for k in keys]
+        [(3, 0), (4, 0)]
+    """
+
+    def __init__(self, sampler: RareClassSampler, start: int = 0) -> None:
+        self.sampler, self.start = sampler, int(start)
+
+    def __iter__(self) -> Iterator[tuple[int, int, int]]:
+        for k, (index, cls) in enumerate(self.sampler.draws()):
+            yield self.start + k, index, cls
+
+    def __len__(self) -> int:
+        return len(self.sampler)
 
 
 # ----------------------------------------------------------------------------- the step
@@ -324,6 +440,12 @@ class DACSConfig:
         weight_mode: ``"batch"`` (one confidence weight per batch) or ``"image"``.
         ema_alpha: Cap of the teacher's EMA coefficient (DACS 0.99, DAFormer 0.999).
         ema_ramp: ``alpha_t = min(1 - 1/(t+1), ema_alpha)`` (both papers' code); False = fixed alpha.
+        ema_timing: ``"after"`` (DACS: after step ``t``'s optimiser step, with ``alpha_t``) or
+            ``"before"`` (DAFormer: at the start of step ``t > 0``, before the pseudo labels,
+            with ``alpha_t``; the teacher of step 0 is the initial student).
+        class_mix_scope: ``"batch"`` (both official codes: half of ``torch.unique`` over the
+            whole batch's source labels, the ignore value included) or ``"image"`` (the
+            papers' text: half of the image's own classes); see :func:`class_mix_masks`.
         jitter_strength: Colour jitter range (0.2 for brightness, contrast, saturation, hue).
         jitter_p: Probability of jittering a mixed batch (0.8).
         blur_p: Probability of blurring a mixed batch (0.5).
@@ -340,6 +462,8 @@ class DACSConfig:
     weight_mode: str = "batch"
     ema_alpha: float = 0.99
     ema_ramp: bool = True
+    ema_timing: str = "after"
+    class_mix_scope: str = "batch"
     jitter_strength: float = 0.2
     jitter_p: float = 0.8
     blur_p: float = 0.5
@@ -356,18 +480,26 @@ class DACSConfig:
             raise ValueError(f"weight_mode must be 'batch' or 'image', got {self.weight_mode!r}")
         if not 0.0 <= self.ema_alpha <= 1.0:
             raise ValueError(f"ema_alpha must be in [0, 1], got {self.ema_alpha}")
+        if self.ema_timing not in ("after", "before"):
+            raise ValueError(f"ema_timing must be 'after' (DACS) or 'before' (DAFormer), got {self.ema_timing!r}")
+        if self.class_mix_scope not in ("batch", "image"):
+            raise ValueError(f"class_mix_scope must be 'batch' or 'image', got {self.class_mix_scope!r}")
         self.blur_sigma = tuple(float(s) for s in self.blur_sigma)
         self.mean, self.std = tuple(float(v) for v in self.mean), tuple(float(v) for v in self.std)
 
     @classmethod
     def daformer(cls, **overrides: Any) -> "DACSConfig":
-        """DAFormer's settings: EMA 0.999 and the Cityscapes top/bottom pseudo-label crop.
+        """DAFormer's settings: EMA 0.999 updated at the start of a step, the Cityscapes
+        top/bottom pseudo-label crop.
 
         Example:
             >>> DACSConfig.daformer().ema_alpha, DACSConfig.daformer(ignore_bottom=0).ignore_top
             (0.999, 15)
+            >>> DACSConfig.daformer().ema_timing, DACSConfig().ema_timing
+            ('before', 'after')
         """
-        return cls(**{"ema_alpha": 0.999, "ignore_top": 15, "ignore_bottom": 120, **overrides})
+        return cls(**{"ema_alpha": 0.999, "ema_timing": "before", "ignore_top": 15, "ignore_bottom": 120,
+                      **overrides})
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> "DACSConfig":
@@ -412,11 +544,12 @@ def dacs_step(
         source_labels: ``(B, H, W)`` source labels (255 ignored).
         target_images: Normalised ``(B', 3, H, W)`` target images (pair ``i`` uses
             target ``i % B'``).
-        step: 0-based index of this step (sets the EMA coefficient).
+        step: 0-based index of this step (sets the EMA coefficient and, with
+            ``ema_timing="before"``, whether the teacher is updated first).
         config: Options (default :class:`DACSConfig`).
         generator: Randomness of ClassMix and the augmentation.
         scheduler: Stepped after the optimiser if given.
-        update_teacher: Apply the EMA update after the step.
+        update_teacher: Apply the EMA update (after the step, or before it with ``ema_timing="before"``).
 
     Returns:
         ``{"loss", "loss_source", "loss_target", "pseudo_weight", "alpha", "mixed_images",
@@ -442,6 +575,13 @@ def dacs_step(
     batch = source_images.shape[0]
     target_images = target_images[torch.arange(batch, device=target_images.device) % target_images.shape[0]]
 
+    alpha = ema_alpha(step, config.ema_alpha, config.ema_ramp)
+    if config.ema_timing == "before":  # DAFormer: the teacher follows at the start of step t > 0
+        if step > 0 and update_teacher:
+            ema_update(teacher, student, alpha)
+        else:
+            alpha = 0.0  # step 0: the teacher is the initial student
+
     student.train()
     source_logits = _logits_at(student, source_images, size)
     valid = source_labels != config.ignore_index
@@ -459,7 +599,7 @@ def dacs_step(
             weights_t[:, : config.ignore_top] = 0
         if config.ignore_bottom > 0:
             weights_t[:, -config.ignore_bottom :] = 0
-        masks = torch.stack([class_mix_mask(label, generator, config.ignore_index)[0] for label in source_labels])
+        masks = class_mix_masks(source_labels, generator, config.class_mix_scope, config.ignore_index)[0]
         raw_source = denormalize(source_images.detach().float(), config.mean, config.std)
         raw_target = denormalize(target_images.detach().float(), config.mean, config.std)
         mixed, mixed_labels, mixed_weights = class_mix(raw_source, raw_target, source_labels, labels_t, weights_t, masks)
@@ -477,8 +617,7 @@ def dacs_step(
     optimizer.step()
     if scheduler is not None:
         scheduler.step()
-    alpha = ema_alpha(step, config.ema_alpha, config.ema_ramp)
-    if update_teacher:
+    if update_teacher and config.ema_timing == "after":
         ema_update(teacher, student, alpha)
     return {
         "loss": float(loss.detach()), "loss_source": float(loss_source.detach()),

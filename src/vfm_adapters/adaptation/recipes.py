@@ -27,8 +27,9 @@ model (a timm ``features_only`` encoder such as CLIP ConvNeXt-L + a decode head)
       crop_size: [512, 512]
       scale: [1280, 720]                  # source rescale; target_scale for the target
       target_scale: [1024, 512]
-      ratio_range: [0.5, 2.0]
-      rare_class_sampling: {temperature: 0.01, min_pixels: 3000, cache: null}   # or null
+      ratio_range: null                   # null: FIXED keep-ratio resize (DAFormer); [0.5, 2.0]: random rescale
+      cat_max_ratio: 0.75                 # both domains (the target crop reads the target's labels if loaded)
+      rare_class_sampling: {temperature: 0.01, min_pixels: 3000, min_crop_ratio: 0.5, cache: null}   # or null
     optim: {lr: 6.0e-4, backbone_lr_mult: 0.1, weight_decay: 0.01, warmup_iters: 1500, poly_power: 1.0}
     train: {iterations: 40000, batch_size: 2, seed: 0, output_dir: runs/dacs}
     dacs: {ema_alpha: 0.999, ...}          # DACSConfig fields
@@ -57,8 +58,10 @@ from ..seg import training as seg_training
 from ..seg.datasets import build_dataset
 from ..seg.heads import HEADS, Segmentor
 from ..seg.sampling import AugmentedStream, StreamSampler
-from ..seg.transforms import train_transform
-from .dacs import DACSConfig, DACSTrainer, RareClassSampler, class_pixel_counts, warmup_poly_lambda
+from ..seg.transforms import (Compose, Normalize, PhotoMetricDistortion, RandomCrop, RandomFlip, RandomRescale,
+                              Resize)
+from .dacs import (DACSConfig, DACSTrainer, RareClassCrops, RareClassPositions, RareClassSampler, class_pixel_counts,
+                   warmup_poly_lambda)
 from .self_training import (
     CLIP_CONVNEXT_L,
     DecodeHead,
@@ -239,6 +242,32 @@ def _collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def adaptation_transform(crop_size: tuple[int, int], scale: tuple[int, int] | None,
+                         ratio_range: tuple[float, float] | None, cat_max_ratio: float, flip: float,
+                         photometric: bool, mean, std) -> Compose:
+    """The training pipeline of an adaptation config.
+
+    ``ratio_range=None`` is DAFormer's UDA pipeline: a FIXED keep-ratio resize into
+    ``scale`` (GTA5 (1280, 720), Cityscapes (1024, 512)), then the crop; a range gives
+    the random rescale of the supervised recipes.
+
+    Example:
+        >>> t = adaptation_transform((4, 4), (16, 8), None, 0.75, 0.0, False, (0, 0, 0), (1, 1, 1))
+        >>> t.transforms[0]
+        Resize(size=None, scale=(16, 8))
+    """
+    steps: list[Any] = []
+    if scale is not None:
+        steps.append(Resize(scale=tuple(scale)) if ratio_range is None else RandomRescale(tuple(scale), tuple(ratio_range)))
+    steps.append(RandomCrop(tuple(crop_size), cat_max_ratio=float(cat_max_ratio)))
+    if flip > 0:
+        steps.append(RandomFlip(flip))
+    if photometric:
+        steps.append(PhotoMetricDistortion())
+    steps.append(Normalize(mean, std))
+    return Compose(steps)
+
+
 def _build_source(spec: Mapping[str, Any]):
     if str(spec.get("type", "")).lower() == "unlabelled":
         return UnlabelledFolder(spec["root"], recursive=bool(spec.get("recursive", True)))
@@ -298,21 +327,31 @@ def train_adaptation(config: str | os.PathLike | Mapping[str, Any], iterations: 
     model = build_model(mc).to(device)
     trainer = build_trainer(config, model)
     total, batch, workers = int(tc["iterations"]), int(tc["batch_size"]), int(dc["num_workers"])
-    crop, ratio = tuple(dc["crop_size"]), tuple(dc["ratio_range"])
+    crop = tuple(dc["crop_size"])
+    ratio = tuple(dc["ratio_range"]) if dc["ratio_range"] is not None else None
 
     def transform(scale, with_flip=True):
-        return train_transform(crop, tuple(scale) if scale else None, ratio, dc["cat_max_ratio"],
-                               dc["flip"] if with_flip else 0.0, dc["photometric"], mc["mean"], mc["std"])
+        return adaptation_transform(crop, tuple(scale) if scale else None, ratio, dc["cat_max_ratio"],
+                                    dc["flip"] if with_flip else 0.0, dc["photometric"], mc["mean"], mc["std"])
 
-    sampler = None
     rcs = dc["rare_class_sampling"]
     if rcs:
+        unknown = sorted(set(rcs) - {"temperature", "min_pixels", "min_crop_ratio", "cache"})
+        if unknown:
+            raise seg_training.ConfigError(f"unknown rare_class_sampling key(s) {unknown}; accepted: "
+                                           "['cache', 'min_crop_ratio', 'min_pixels', 'temperature']")
         if len(dc["source"]) != 1:
             raise seg_training.ConfigError("rare-class sampling needs exactly one source dataset")
-        counts = class_pixel_counts(build_dataset(dc["source"][0]), int(mc["num_classes"]), rcs.get("cache"))
-        sampler = _Positions(RareClassSampler(counts, float(rcs.get("temperature", 0.01)),
-                                              int(rcs.get("min_pixels", 3000)), total * batch, seed))
-    source = iter(_loader(dc["source"], transform(dc["scale"]), batch, seed, total * batch, workers, sampler))
+        source_data = _build_source(dc["source"][0])
+        counts = class_pixel_counts(source_data, int(mc["num_classes"]), rcs.get("cache"))
+        min_pixels = int(rcs.get("min_pixels", 3000))
+        sampler = RareClassPositions(RareClassSampler(counts, float(rcs.get("temperature", 0.01)), min_pixels,
+                                                      total * batch, seed))
+        crops = RareClassCrops(source_data, transform(dc["scale"]), seed, min_pixels,
+                               float(rcs.get("min_crop_ratio", 0.5)))
+        source = iter(DataLoader(crops, batch_size=batch, sampler=sampler, num_workers=workers, collate_fn=_collate))
+    else:
+        source = iter(_loader(dc["source"], transform(dc["scale"]), batch, seed, total * batch, workers))
     target = iter(_loader(dc[unlabelled_key], transform(dc["target_scale"]), batch, seed + 1, total * batch, workers))
 
     output_dir.mkdir(parents=True, exist_ok=True)
