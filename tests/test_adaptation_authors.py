@@ -203,3 +203,67 @@ def test_uda_configs_use_the_fixed_resize_and_daformer_options():
         sizes = {tuple(t.transforms[0](sample, rng=np.random.default_rng(s))["image"].shape[-2:]) for s in range(3)}
         assert sizes == {shape}  # fixed: the same size for every draw
         assert t(sample, rng=np.random.default_rng(0))["image"].shape[-2:] == (512, 512)
+
+
+# ----------------------------------------------------------------------------- 4. DAFormer's head, FD loss
+def test_daformer_head_shape_and_parameter_count_against_a_computation():
+    from vfm_adapters.seg import DAFormerHead, Segmentor
+    from vfm_adapters.seg.heads import HEADS
+
+    assert HEADS["daformer"] is DAFormerHead
+    in_channels, k, c, e = [24, 32, 48, 64], 7, 16, 12
+    head = DAFormerHead(in_channels, k, channels=c, embed_dims=e)
+    maps = [torch.randn(2, ch, s, s + 2) for ch, s in zip(in_channels, (16, 8, 4, 2))]
+    assert head(maps).shape == (2, k, 16, 18)  # the finest level's grid
+    f = 4 * e  # fused width
+    expected = (
+        sum(ch * e + e for ch in in_channels)           # per-level linear embeddings
+        + (f * c + 2 * c)                               # ASPP dilation 1: 1x1 conv + BN
+        + 3 * (f * 9 + 2 * f + f * c + 2 * c)           # dilations 6/12/18: depthwise 3x3 + BN, pointwise + BN
+        + (4 * c * c * 9 + 2 * c)                       # bottleneck 3x3 + BN
+        + (c * k + k)                                   # classifier
+    )
+    assert sum(p.numel() for p in head.parameters()) == expected
+    dilated = [m for m in head.modules() if isinstance(m, nn.Conv2d) and m.dilation[0] > 1]
+    assert [m.dilation[0] for m in dilated] == [6, 12, 18] and all(m.groups == f for m in dilated)
+    assert all(m.bias is None for m in head.aspp.modules() if isinstance(m, nn.Conv2d))
+    # the study's setting: 4 levels of EVA02-L (1024 channels), 256 everywhere, 19 classes
+    big = DAFormerHead([1024] * 4, 19)
+    assert sum(p.numel() for p in big.parameters()) == 4 * (1024 * 256 + 256) + 1024 * 256 + 512 + 3 * (
+        1024 * 9 + 2048 + 1024 * 256 + 512) + 4 * 256 * 256 * 9 + 512 + 256 * 19 + 19
+    import timm
+
+    vit = timm.create_model("vit_small_patch14_dinov2", depth=2, embed_dim=32, num_heads=2, img_size=28)
+    seg = Segmentor(vit, num_classes=5, layers=[0, 1, 1, 1], head="daformer", head_channels=8)
+    assert isinstance(seg.head, DAFormerHead) and seg(torch.randn(2, 3, 28, 28)).shape == (2, 5, 28, 28)
+
+
+def test_feature_distance_loss_option_on_thing_classes():
+    import timm
+
+    from vfm_adapters.adaptation.dacs import CITYSCAPES_THING_CLASSES, feature_distance_loss
+    from vfm_adapters.seg import Segmentor
+
+    assert CITYSCAPES_THING_CLASSES == (6, 7, 11, 12, 13, 14, 15, 16, 17, 18)
+    f, g = torch.zeros(1, 3, 2, 2), torch.zeros(1, 3, 2, 2)
+    f[0, :, 0, 0] = torch.tensor([2.0, 3.0, 6.0])  # distance 7 at feature pixel (0, 0), 0 elsewhere
+    f[0, 0, 1, 1] = 4.0                             # distance 4 at (1, 1), a road block: not counted
+    lbl = torch.zeros(1, 4, 4, dtype=torch.long)
+    lbl[0, :2, :2] = 13                             # car block -> feature pixel (0, 0)
+    lbl[0, :2, 2:] = 11                             # person block, distance 0
+    lbl[0, 2, 0] = 255                              # a block 3/4 road: still road at min_ratio 0.75
+    assert feature_distance_loss(f, g, lbl).item() == pytest.approx((7 + 0) / 2)
+    assert feature_distance_loss(f, g, lbl, classes=None).item() == pytest.approx((7 + 4) / 4)
+    torch.manual_seed(0)
+    vit = timm.create_model("vit_small_patch14_dinov2", depth=2, embed_dim=32, num_heads=2, img_size=28)
+    seg = Segmentor(vit, num_classes=19, layers=[0, 1, 1, 1], head_channels=8, dropout=0.0)
+    trainer = DACSTrainer(seg, torch.optim.AdamW([p for p in seg.parameters() if p.requires_grad], lr=1e-2),
+                          DACSConfig.daformer(fdist_lambda=0.005, ignore_top=0, ignore_bottom=0))
+    frozen = {k: v.clone() for k, v in trainer.imagenet_encoder.state_dict().items()}
+    labels = torch.full((2, 28, 28), 13)
+    labels[:, :14] = 0
+    outs = [trainer.step(torch.randn(2, 3, 28, 28), labels, torch.randn(2, 3, 28, 28)) for _ in range(3)]
+    assert outs[0]["loss_fdist"] == 0.0 and outs[2]["loss_fdist"] > 0  # the student drifts from its start
+    assert all(torch.equal(v, trainer.imagenet_encoder.state_dict()[k]) for k, v in frozen.items())
+    assert "loss_fdist" not in DACSTrainer(seg, config=DACSConfig()).step(torch.randn(2, 3, 28, 28), labels,
+                                                                          torch.randn(2, 3, 28, 28))

@@ -13,9 +13,9 @@ and a target batch ``x_t`` (REFERENCE.md section 3):
    ``y_t = argmax_c p``; the confidence weight is the share of pixels whose
    ``max_c p >= 0.968`` -- one scalar for the whole batch (as REFERENCE.md and the DACS
    and DAFormer code; ``weight_mode="image"`` gives one scalar per image).
-3. ClassMix: for each pair ``i``, half of the classes present in ``y_s[i]`` (DACS's
-   rounding: ``n`` classes -> ``(n + n % 2) // 2`` chosen by a random permutation) give
-   a mask ``M``; ``x_m = M x_s + (1 - M) x_t``, ``y_m = M y_s + (1 - M) y_t``, weight
+3. ClassMix: for each pair ``i``, half of the candidate classes (the batch's unique
+   source label values, see :func:`class_mix_masks`; DACS's rounding: ``n`` candidates
+   -> ``(n + n % 2) // 2`` chosen by a random permutation) give a mask ``M``; ``x_m = M x_s + (1 - M) x_t``, ``y_m = M y_s + (1 - M) y_t``, weight
    ``w_m = M + (1 - M) w``.
 4. Strong augmentation of ``x_m``: colour jitter (0.2 each, p = 0.8) and Gaussian blur
    (p = 0.5, sigma 0.15-1.15).
@@ -23,11 +23,16 @@ and a target batch ``x_t`` (REFERENCE.md section 3):
    takes a step on ``L_s + L_t``.
 6. The teacher follows: ``g <- a_t g + (1 - a_t) f``, ``a_t = min(1 - 1/(t + 1), 0.99)``.
 
-DAFormer's additions are options: ``ema_alpha=0.999``, a linear learning-rate warm-up
+DAFormer's additions are options: ``ema_alpha=0.999`` with the teacher updated at the
+START of step ``t > 0`` (``ema_timing="before"``), a linear learning-rate warm-up
 (:func:`warmup_poly_lambda`, 1500 iterations), rare-class sampling of source images
-(:class:`RareClassSampler`, temperature 0.01) and ignoring the top/bottom rows of the
-pseudo label (``ignore_top``/``ignore_bottom``, DAFormer uses 15/120 on Cityscapes).
-DAFormer's ImageNet feature-distance loss is not included.
+(:class:`RareClassSampler`, temperature 0.01, with :class:`RareClassCrops` re-drawing
+the crop until it holds the class), ignoring the top/bottom rows of the pseudo label
+(``ignore_top``/``ignore_bottom``, DAFormer uses 15/120 on Cityscapes) and the ImageNet
+feature distance on thing classes (``fdist_lambda=0.005``, :func:`feature_distance_loss`;
+off by default: the vision-language-model study finds it conflicts with CLIP encoders).
+ClassMix draws from ``torch.unique`` over the whole batch's source labels, the ignore
+value included, as both official codes do (``class_mix_scope="batch"``).
 """
 
 from __future__ import annotations
@@ -60,6 +65,8 @@ __all__ = [
     "RareClassPositions",
     "class_pixel_counts",
     "confidence_weight",
+    "downscale_label_ratio",
+    "feature_distance_loss",
     "dacs_step",
     "pseudo_label",
     "rare_class_probabilities",
@@ -210,6 +217,64 @@ def class_mix(
     labels = torch.where(mask, source_labels, target_labels)
     weights = torch.where(mask, torch.ones_like(target_weights), target_weights)
     return images, labels, weights
+
+
+#: DAFormer's ``imnet_feature_dist_classes`` (Cityscapes train ids of traffic light, traffic
+#: sign, person, rider, car, truck, bus, train, motorcycle, bicycle).
+CITYSCAPES_THING_CLASSES = (6, 7, 11, 12, 13, 14, 15, 16, 17, 18)
+
+
+def downscale_label_ratio(labels: Tensor, scale_factor: int, min_ratio: float, num_classes: int,
+                          ignore_index: int = IGNORE_INDEX) -> Tensor:
+    """DAFormer's label downscaling: the majority class of each ``scale_factor`` block,
+    ``ignore_index`` where it covers less than ``min_ratio`` of the block (or is ignored).
+
+    Example:
+        >>> lbl = torch.tensor([[[1, 1, 2, 2], [1, 1, 2, 255], [0, 0, 3, 3], [0, 3, 3, 3]]])
+        >>> downscale_label_ratio(lbl, 2, 0.75, 4).tolist()
+        [[[1, 2], [0, 3]]]
+        >>> downscale_label_ratio(lbl, 2, 1.0, 4).tolist()
+        [[[1, 255], [255, 3]]]
+    """
+    if scale_factor < 1:
+        raise ValueError(f"scale_factor must be at least 1, got {scale_factor}")
+    labels = labels.clone().long()
+    labels[(labels == ignore_index) | (labels < 0) | (labels >= num_classes)] = num_classes
+    onehot = F.one_hot(labels, num_classes + 1).permute(0, 3, 1, 2).float()
+    ratio, out = F.avg_pool2d(onehot, kernel_size=scale_factor).max(dim=1)
+    out[out == num_classes] = ignore_index
+    out[ratio < min_ratio] = ignore_index
+    return out
+
+
+def feature_distance_loss(features: Tensor, imagenet_features: Tensor, labels: Tensor | None = None,
+                          classes: Sequence[int] | None = CITYSCAPES_THING_CLASSES, min_ratio: float = 0.75,
+                          num_classes: int = 19, ignore_index: int = IGNORE_INDEX) -> Tensor:
+    """DAFormer's ImageNet feature distance: mean L2 distance of the student's and the
+    frozen initial encoder's features, over feature pixels of ``classes`` (thing classes).
+
+    The labels are downscaled to the feature grid by :func:`downscale_label_ratio` (a
+    pixel counts when one class covers >= ``min_ratio`` of its block). With no such pixel
+    the loss is 0 (DAFormer's mean over nothing would be NaN).
+
+    Example:
+        >>> f, g = torch.zeros(1, 2, 2, 2), torch.zeros(1, 2, 2, 2); f[0, 0, 0, 0] = 3.0; f[0, 1, 0, 0] = 4.0
+        >>> feature_distance_loss(f, g, torch.full((1, 4, 4), 6)).item()      # all "light": mean of 5, 0, 0, 0
+        1.25
+        >>> feature_distance_loss(f, g, torch.zeros(1, 4, 4, dtype=torch.long)).item()   # no thing pixel
+        0.0
+    """
+    distance = torch.norm(features.float() - imagenet_features.float().detach(), dim=1, p=2)  # (B, h, w)
+    if classes is not None and labels is not None:
+        scale = labels.shape[-1] // features.shape[-1]
+        small = downscale_label_ratio(labels, max(scale, 1), min_ratio, num_classes, ignore_index)
+        if tuple(small.shape[-2:]) != tuple(distance.shape[-2:]):
+            small = F.interpolate(small[:, None].float(), size=distance.shape[-2:], mode="nearest")[:, 0].long()
+        mask = torch.isin(small, torch.as_tensor(list(classes), device=small.device))
+        if not bool(mask.any()):
+            return distance.sum() * 0.0
+        return distance[mask].mean()
+    return distance.mean()
 
 
 def strong_augment(
@@ -454,6 +519,14 @@ class DACSConfig:
         ignore_bottom: Rows at the bottom with weight 0 (DAFormer on Cityscapes: 120).
         mean: Normalisation mean on the 0..255 scale (to undo/redo it around augmentation).
         std: Normalisation std on the 0..255 scale.
+        fdist_lambda: Weight of DAFormer's ImageNet feature distance on the source batch
+            (0 = off, DACS; DAFormer 0.005). Needs the frozen initial encoder
+            (:class:`DACSTrainer` makes it).
+        fdist_classes: Classes whose feature pixels count (DAFormer: Cityscapes things,
+            :data:`CITYSCAPES_THING_CLASSES`); ``None`` = every pixel.
+        fdist_scale_min_ratio: ``min_ratio`` of :func:`downscale_label_ratio` (0.75).
+        fdist_module: Name of the student's submodule whose output (its last map if a
+            list) is the encoder feature (``"features"`` for a ``seg.Segmentor``).
         ignore_index: Ignored label.
         seed: Seed of the step's generator (ClassMix, augmentation).
     """
@@ -472,10 +545,18 @@ class DACSConfig:
     ignore_bottom: int = 0
     mean: tuple[float, float, float] = field(default=IMAGENET_MEAN)
     std: tuple[float, float, float] = field(default=IMAGENET_STD)
+    fdist_lambda: float = 0.0
+    fdist_classes: tuple[int, ...] | None = CITYSCAPES_THING_CLASSES
+    fdist_scale_min_ratio: float = 0.75
+    fdist_module: str = "features"
     ignore_index: int = IGNORE_INDEX
     seed: int = 0
 
     def __post_init__(self) -> None:
+        if self.fdist_classes is not None:
+            self.fdist_classes = tuple(int(c) for c in self.fdist_classes)
+        if self.fdist_lambda < 0:
+            raise ValueError(f"fdist_lambda must be >= 0, got {self.fdist_lambda}")
         if self.weight_mode not in ("batch", "image"):
             raise ValueError(f"weight_mode must be 'batch' or 'image', got {self.weight_mode!r}")
         if not 0.0 <= self.ema_alpha <= 1.0:
@@ -533,6 +614,7 @@ def dacs_step(
     generator: torch.Generator | None = None,
     scheduler: Any | None = None,
     update_teacher: bool = True,
+    imagenet_encoder: nn.Module | None = None,
 ) -> dict[str, Any]:
     """One DACS training step: source CE + weighted CE on the ClassMixed batch, then EMA.
 
@@ -550,6 +632,8 @@ def dacs_step(
         generator: Randomness of ClassMix and the augmentation.
         scheduler: Stepped after the optimiser if given.
         update_teacher: Apply the EMA update (after the step, or before it with ``ema_timing="before"``).
+        imagenet_encoder: The frozen initial ``config.fdist_module`` (needed when
+            ``config.fdist_lambda > 0``).
 
     Returns:
         ``{"loss", "loss_source", "loss_target", "pseudo_weight", "alpha", "mixed_images",
@@ -583,12 +667,33 @@ def dacs_step(
             alpha = 0.0  # step 0: the teacher is the initial student
 
     student.train()
-    source_logits = _logits_at(student, source_images, size)
+    captured: list[Any] = []
+    hook = None
+    if config.fdist_lambda > 0:
+        if imagenet_encoder is None:
+            raise ValueError("fdist_lambda > 0 needs imagenet_encoder, the frozen initial "
+                             f"{config.fdist_module!r} module (DACSTrainer makes it)")
+        hook = student.get_submodule(config.fdist_module).register_forward_hook(
+            lambda module, args, output: captured.append(output))
+    try:
+        source_logits = _logits_at(student, source_images, size)
+    finally:
+        if hook is not None:
+            hook.remove()
     valid = source_labels != config.ignore_index
     if bool(valid.any()):
         loss_source = F.cross_entropy(source_logits.float(), source_labels, ignore_index=config.ignore_index)
     else:
         loss_source = source_logits.sum() * 0.0
+    loss_fdist = None
+    if config.fdist_lambda > 0:
+        last = lambda out: out[-1] if isinstance(out, (list, tuple)) else out  # noqa: E731
+        with torch.no_grad():
+            imagenet_encoder.eval()
+            reference = last(imagenet_encoder(source_images))
+        loss_fdist = config.fdist_lambda * feature_distance_loss(
+            last(captured[0]), reference, source_labels, config.fdist_classes, config.fdist_scale_min_ratio,
+            source_logits.shape[1], config.ignore_index)
 
     with torch.no_grad():
         teacher.eval()
@@ -611,6 +716,8 @@ def dacs_step(
     pixel_loss = F.cross_entropy(mixed_logits.float(), mixed_labels, ignore_index=config.ignore_index, reduction="none")
     loss_target = (pixel_loss * mixed_weights).mean()
     loss = loss_source + loss_target
+    if loss_fdist is not None:
+        loss = loss + loss_fdist
 
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
@@ -622,6 +729,7 @@ def dacs_step(
     return {
         "loss": float(loss.detach()), "loss_source": float(loss_source.detach()),
         "loss_target": float(loss_target.detach()), "pseudo_weight": float(weight.mean()), "alpha": alpha,
+        **({"loss_fdist": float(loss_fdist.detach())} if loss_fdist is not None else {}),
         "mixed_images": mixed.detach(), "mixed_labels": mixed_labels.detach(), "mixed_weights": mixed_weights.detach(),
         "masks": masks,
     }
@@ -664,10 +772,14 @@ class DACSTrainer:
         self.scheduler = scheduler
         self.generator = torch.Generator().manual_seed(self.config.seed)
         self.iteration = 0
+        self.imagenet_encoder = None
+        if self.config.fdist_lambda > 0:  # DAFormer's frozen copy of the initial (ImageNet) encoder
+            self.imagenet_encoder = make_teacher(segmentor.get_submodule(self.config.fdist_module))
 
     def step(self, source_images: Tensor, source_labels: Tensor, target_images: Tensor) -> dict[str, Any]:
         """One step of :func:`dacs_step`; returns its dict."""
         out = dacs_step(self.student, self.teacher, self.optimizer, source_images, source_labels, target_images,
-                        self.iteration, self.config, self.generator, self.scheduler)
+                        self.iteration, self.config, self.generator, self.scheduler,
+                        imagenet_encoder=self.imagenet_encoder)
         self.iteration += 1
         return out
