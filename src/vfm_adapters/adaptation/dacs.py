@@ -407,10 +407,15 @@ class RareClassSampler(Sampler):
         self.probabilities = prob / prob.sum()
         self.length, self.seed, self.epoch = int(length), int(seed), 0
 
-    def draws(self) -> Iterator[tuple[int, int]]:
-        """``(image index, sampled class)`` pairs of one pass (what ``__iter__`` yields, plus the class)."""
+    def draws(self, skip: int = 0) -> Iterator[tuple[int, int]]:
+        """``(image index, sampled class)`` pairs of one pass (what ``__iter__`` yields, plus the class).
+
+        ``skip`` draws are made and dropped first (a resumed run continues the same sequence).
+        """
         rng = np.random.default_rng([self.seed, self.epoch])
         self.epoch += 1
+        for _ in range(skip):
+            rng.choice(self.images[int(rng.choice(self.classes, p=self.probabilities))])
         for _ in range(self.length):
             c = int(rng.choice(self.classes, p=self.probabilities))
             yield int(rng.choice(self.images[c])), c
@@ -478,17 +483,23 @@ class RareClassCrops(Dataset):
 class RareClassPositions(Sampler):
     """``(position, index, class)`` keys for :class:`RareClassCrops` from a :class:`RareClassSampler`.
 
+    ``start`` is the first stream position; the sampler's first ``start`` draws are
+    skipped, so a resumed run draws what an uninterrupted one would.
+
     Example:
         >>> keys = list(RareClassPositions(RareClassSampler(np.array([[5000, 4000]]), length=2), start=3))
         >>> [k[:2] for k in keys]
         [(3, 0), (4, 0)]
+        >>> full = list(RareClassPositions(RareClassSampler(np.array([[5000, 4000], [0, 9000]]), length=6)))
+        >>> full[2:] == list(RareClassPositions(RareClassSampler(np.array([[5000, 4000], [0, 9000]]), length=4), start=2))
+        True
     """
 
     def __init__(self, sampler: RareClassSampler, start: int = 0) -> None:
         self.sampler, self.start = sampler, int(start)
 
     def __iter__(self) -> Iterator[tuple[int, int, int]]:
-        for k, (index, cls) in enumerate(self.sampler.draws()):
+        for k, (index, cls) in enumerate(self.sampler.draws(skip=self.start)):
             yield self.start + k, index, cls
 
     def __len__(self) -> int:
