@@ -267,3 +267,204 @@ def test_feature_distance_loss_option_on_thing_classes():
     assert all(torch.equal(v, trainer.imagenet_encoder.state_dict()[k]) for k, v in frozen.items())
     assert "loss_fdist" not in DACSTrainer(seg, config=DACSConfig()).step(torch.randn(2, 3, 28, 28), labels,
                                                                           torch.randn(2, 3, 28, 28))
+
+
+# ----------------------------------------------------------------------------- 2. CLOUDS
+from vfm_adapters.adaptation import (  # noqa: E402
+    DecodeHead,
+    FeatureSegmentor,
+    SelfTrainer,
+    SelfTrainingConfig,
+    TimmFeatureEncoder,
+    build_trainer,
+    load_adaptation_config,
+    make_teacher,
+    train_adaptation,
+)
+from vfm_adapters.seg.clip_classifier import CLIPTextClassifier, class_name_embeddings  # noqa: E402
+
+
+def tiny_mask2former_segmentor(num_classes: int = 3) -> FeatureSegmentor:
+    from vfm_adapters.seg.mask2former import Mask2FormerHead
+
+    torch.manual_seed(0)
+    encoder = TimmFeatureEncoder("convnext_atto", depths=(1, 1, 1, 1), dims=(8, 16, 16, 16))
+    head = Mask2FormerHead(num_classes, encoder.channels, num_queries=4, num_decoder_layers=1, num_heads=2, ffn_dim=32,
+                           hidden_dim=32, pixel_decoder_layers=1, pixel_decoder_ffn_dim=32, num_points=16)
+    return FeatureSegmentor(encoder, DecodeHead(head))
+
+
+def test_mixed_batch_goes_through_one_mask2former_criterion(monkeypatch):
+    model = tiny_mask2former_segmentor()
+    trainer = SelfTrainer(model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4),
+                          SelfTrainingConfig(ema_interval=1, seed=3))
+    g = torch.Generator().manual_seed(0)
+    images, labels = torch.randn(8, 3, 64, 64, generator=g), torch.randint(0, 3, (8, 64, 64), generator=g)
+    generated = torch.tensor([False, True, False, True, True, False, False, True])
+    with torch.no_grad():
+        expected_pseudo = trainer.teacher.logits(trainer.teacher(model.encoder(images[generated])), (64, 64)).argmax(1)
+    calls = []
+    criterion_calls = []
+    head = model.decoder.head
+    original_loss, original_criterion = model.decoder.loss, head.criterion.forward
+    monkeypatch.setattr(model.decoder, "loss", lambda out, lbl: calls.append((out, lbl.clone())) or original_loss(out, lbl))
+    monkeypatch.setattr(head.criterion, "forward", lambda *a, **k: (criterion_calls.append(len(k["mask_labels"]))
+                        if "mask_labels" in k else None) or original_criterion(*a, **k))  # positional: deep supervision
+    out = trainer.step_mixed(images, labels, generated)
+    assert len(calls) == 1 and criterion_calls == [8]  # ONE loss, one criterion over all 8 images
+    batch_output, targets = calls[0]
+    assert batch_output.class_logits.shape[0] == 8
+    assert torch.equal(targets[~generated], labels[~generated])        # source rows keep their labels
+    assert torch.equal(targets[generated], expected_pseudo)            # generated rows: the teacher's labels
+    assert torch.equal(out["student_images"][~generated], images[~generated])  # source: augmented in the pipeline
+    assert not torch.equal(out["student_images"][generated], images[generated])  # generated: ColorAugSSD copy
+    assert out["generated"] == 4 and out["teacher_updated"] and np.isfinite(out["loss"])
+
+
+def test_clip_classifier_scores_by_hand():
+    clf = CLIPTextClassifier(hidden_dim=4, embed_dim=2, names_per_class=[1, 2])
+    text = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]])  # class 0; class 1 has two names
+    clf.set_text_embeddings(text)
+    with torch.no_grad():
+        for layer in clf.class_embed:
+            if isinstance(layer, nn.Linear):
+                layer.weight.zero_()
+                layer.bias.zero_()
+        clf.class_embed[-1].bias.copy_(torch.tensor([3.0, 4.0]))  # every query embeds to (0.6, 0.8)
+        clf.void_embedding.weight.copy_(torch.tensor([[0.0, -2.0]]))
+    scores = clf(torch.randn(1, 2, 4))
+    s = 1 / 0.07
+    expected = torch.tensor([0.6 * s, max(0.8, -0.6) * s, -0.8 * s])  # class 0, max over class 1's names, void
+    assert scores.shape == (1, 2, 3) and torch.allclose(scores[0, 0], expected, atol=1e-4)
+    with torch.no_grad():
+        clf.logit_scale.fill_(10.0)
+    assert torch.allclose(clf(torch.randn(1, 1, 4))[0, 0], expected / s * 100, atol=1e-3)  # clamped at 100
+    assert clf.logit_scale.requires_grad and clf.void_embedding.weight.requires_grad
+    with pytest.raises(RuntimeError, match="text embeddings"):
+        CLIPTextClassifier(4, 2, num_classes=2)(torch.randn(1, 4))
+    seen = []
+
+    def encode(texts):
+        seen.extend(texts)
+        return torch.tensor([[float(len(t)), float(t.count("a"))] for t in texts])
+
+    emb, counts = class_name_embeddings(["road", "car, truck"], encode)
+    assert counts == [1, 2] and len(seen) == 3 * 14 and seen[0] == "a photo of a road."
+    manual = torch.nn.functional.normalize(encode([t.format("car") for t in
+                                                   __import__("vfm_adapters.seg.clip_classifier", fromlist=["x"]).CLIP_TEMPLATES]), dim=-1).mean(0)
+    assert torch.allclose(emb[1], torch.nn.functional.normalize(manual, dim=0), atol=1e-6)
+
+
+def test_clouds_configs_build_on_meta_with_the_authors_settings():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "examples" / "configs" / "adaptation"
+    stage1 = load_adaptation_config(root / "clouds_stage1_source_only_convnext_l.yaml")
+    stage2 = load_adaptation_config(root / "clouds_self_training_convnext_l.yaml")
+    for cfg in (stage1, stage2):
+        with torch.device("meta"):
+            trainer = build_trainer(cfg)
+        head = trainer.model.decoder.head
+        assert isinstance(head.class_predictor, CLIPTextClassifier) and head.class_predictor.num_classes == 19
+        assert tuple(head.class_predictor.text_embeddings.shape) == (19, 768)
+        assert cfg["optim"]["schedule"] == "constant" and cfg["train"]["batch_size"] == 8
+    assert stage1["recipe"] == "source_only" and type(trainer).__name__ == "SelfTrainer"
+    st = trainer.config
+    assert (st.batch_mode, st.generated_repeat_factor, st.student_augment) == ("mixed", 2.0, "color_aug_ssd")
+    assert trainer.refiner is not None and trainer.refiner.name == DEFAULT_SAM
+    assert "decoder_checkpoint" in stage2["model"]
+
+
+def _tiny_features_config(tmp_path, recipe, **sections):
+    from PIL import Image
+
+    gen = tmp_path / "generated"
+    gen.mkdir(exist_ok=True)
+    for i in range(3):
+        Image.fromarray(np.random.default_rng(i).integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(gen / f"{i}.png")
+    config = {
+        "recipe": recipe,
+        "model": {"kind": "features", "encoder": "convnext_atto", "encoder_kwargs": {"depths": [1, 1, 1, 1],
+                  "dims": [8, 16, 16, 16]}, "head": "fpn", "head_channels": 8, "dropout": 0.0, "num_classes": 7},
+        "data": {"source": [{"type": "synthetic", "num_images": 3, "size": 40}],
+                 "unlabelled": [{"type": "unlabelled", "root": str(gen)}],
+                 "crop_size": [32, 32], "scale": None, "num_workers": 0, "photometric": True},
+        "optim": {"lr": 1e-3, "schedule": "constant"},
+        "train": {"iterations": 4, "batch_size": 4, "output_dir": str(tmp_path / recipe), "log_interval": 1,
+                  "checkpoint_interval": 0},
+        "self_training": {"ema_interval": 2, "ema_alpha": 0.5},
+    }
+    for key, value in sections.items():
+        config[key] = {**config.get(key, {}), **value}
+    return config
+
+
+def test_constant_lr_and_stage_two_starts_from_stage_one(tmp_path):
+    stage1 = _tiny_features_config(tmp_path, "source_only")
+    result = train_adaptation(stage1, log=None, device="cpu", progress=False)
+    trainer = result["trainer"]
+    assert [g["lr"] for g in trainer.optimizer.param_groups] == [1e-3] * len(trainer.optimizer.param_groups)
+    assert trainer.scheduler.get_last_lr() == [1e-3] * len(trainer.optimizer.param_groups)
+    poly = build_trainer(load_adaptation_config({**stage1, "optim": {"lr": 1e-3, "schedule": "poly"}}))
+    assert poly.scheduler.lr_lambdas[0](2) < 1.0  # the poly default decays; constant does not
+    checkpoint = tmp_path / "source_only" / "decoder.safetensors"
+    stage2 = _tiny_features_config(tmp_path, "self_training", model={"decoder_checkpoint": str(checkpoint)})
+    from safetensors.torch import load_file
+
+    from vfm_adapters.adaptation import build_model
+
+    saved = load_file(str(checkpoint))
+    model = build_model(load_adaptation_config(stage2)["model"])
+    assert all(torch.equal(model.decoder.state_dict()[k], v) for k, v in saved.items())
+    out = train_adaptation(stage2, log=None, device="cpu", progress=False)
+    lines = [__import__("json").loads(x) for x in (tmp_path / "self_training" / "log.jsonl").read_text().splitlines()]
+    # 3 source images vs 3 generated x repeat factor 2: a third of each batch of 4 source, two thirds generated
+    assert sum(line["generated"] for line in lines) == round(4 * 4 * 2 / 3)
+    assert np.isfinite(out["loss"])
+
+
+# ----------------------------------------------------------------------------- 5. resume and progress
+def _states(trainer):
+    student = trainer.student if hasattr(trainer, "student") else trainer.model
+    return {**{f"s.{k}": v.clone() for k, v in student.state_dict().items()},
+            **{f"t.{k}": v.clone() for k, v in trainer.teacher.state_dict().items()}}
+
+
+def _dacs_config(tmp_path, name):
+    return {
+        "recipe": "dacs",
+        "model": {"backbone": "vit_small_patch14_dinov2", "backbone_kwargs": {"img_size": 28, "depth": 2, "embed_dim": 32,
+                  "num_heads": 2}, "methods": ["rein"], "method_options": {"rein": {"token_length": 4, "rank": 4}},
+                  "layers": [0, 1, 1, 1], "scales": [4, 2, 1, 1], "head_channels": 8, "num_classes": 7},
+        "data": {"source": [{"type": "synthetic", "num_images": 4, "size": 40}],
+                 "target": [{"type": "synthetic", "domain": "fog", "num_images": 4, "size": 40}],
+                 "crop_size": [28, 28], "scale": [40, 40], "target_scale": [40, 40], "ratio_range": None,
+                 "num_workers": 0, "rare_class_sampling": {"temperature": 0.1, "min_pixels": 10}},
+        "optim": {"lr": 1e-3, "warmup_iters": 1},
+        "dacs": {"ema_timing": "before", "fdist_lambda": 0.005},
+        "train": {"iterations": 4, "batch_size": 2, "output_dir": str(tmp_path / name), "log_interval": 1,
+                  "checkpoint_interval": 0},
+    }
+
+
+@pytest.mark.parametrize("recipe", ["dacs", "self_training"])
+def test_resumed_adaptation_is_bit_exact(tmp_path, recipe, capsys):
+    make = (lambda name: _dacs_config(tmp_path, name)) if recipe == "dacs" else (
+        lambda name: _tiny_features_config(tmp_path, "self_training", train={"output_dir": str(tmp_path / name)}))
+    straight = train_adaptation(make("straight"), log=None, device="cpu", progress=False)
+    assert "dacs" not in capsys.readouterr().err and not (tmp_path / "straight" / "checkpoint.pt").stat().st_size == 0
+    first = train_adaptation(make("split"), log=None, device="cpu", stop_after=2, progress=True)
+    assert first["step"] == 2 and not first["results"]
+    assert recipe in capsys.readouterr().err  # the tqdm bar
+    resumed = train_adaptation(make("split"), log=None, device="cpu", resume=True, progress=False)
+    assert resumed["step"] == 4 and resumed["trainer"].iteration == 4
+    a, b = _states(straight["trainer"]), _states(resumed["trainer"])
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])]
+    log = lambda name: [  # noqa: E731
+        {k: v for k, v in __import__("json").loads(x).items() if k != "seconds"}
+        for x in (tmp_path / name / "log.jsonl").read_text().splitlines()]
+    assert log("straight") == log("split") and len(log("split")) == 4
+    changed = make("split")
+    changed["optim"] = {**changed["optim"], "lr": 5e-3}
+    with pytest.raises(ValueError, match="different config"):
+        train_adaptation(changed, log=None, device="cpu", resume=True, progress=False)

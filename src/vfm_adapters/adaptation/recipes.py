@@ -323,6 +323,11 @@ def adaptation_transform(crop_size: tuple[int, int], scale: tuple[int, int] | No
     return Compose(steps)
 
 
+def _loader_generator(seed: int) -> torch.Generator:
+    """A loader's own generator: creating a loader then draws nothing from the global RNG (exact resume)."""
+    return torch.Generator().manual_seed(int(seed))
+
+
 def _build_source(spec: Mapping[str, Any]):
     if str(spec.get("type", "")).lower() == "unlabelled":
         return UnlabelledFolder(spec["root"], recursive=bool(spec.get("recursive", True)))
@@ -336,7 +341,7 @@ def _loader(specs, transform, batch: int, seed: int, length: int, workers: int, 
         weights = [float(spec.get("weight", 1.0)) for spec in specs]
         sampler = StreamSampler([len(s) for s in sources], weights, seed=seed, start=start, length=length)
     return DataLoader(AugmentedStream(sources, transform, seed), batch_size=batch, sampler=sampler,
-                      num_workers=workers, collate_fn=_collate)
+                      num_workers=workers, collate_fn=_collate, generator=_loader_generator(seed))
 
 
 def _trainer_modules(trainer: Any) -> dict[str, nn.Module]:
@@ -508,7 +513,8 @@ def train_adaptation(config: str | os.PathLike | Mapping[str, Any], iterations: 
         weights = [float(len(d)) for d in sources] + [factor * len(d) for d in generated]
         sampler = StreamSampler([len(d) for d in sources + generated], weights, seed=seed, start=start * batch,
                                 length=count)
-        source = iter(DataLoader(stream, batch_size=batch, sampler=sampler, num_workers=workers, collate_fn=_collate))
+        source = iter(DataLoader(stream, batch_size=batch, sampler=sampler, num_workers=workers, collate_fn=_collate,
+                                 generator=_loader_generator(seed)))
         target = None
     elif rcs:
         unknown = sorted(set(rcs) - {"temperature", "min_pixels", "min_crop_ratio", "cache"})
@@ -524,7 +530,8 @@ def train_adaptation(config: str | os.PathLike | Mapping[str, Any], iterations: 
                                                       count, seed), start=start * batch)
         crops = RareClassCrops(source_data, transform(dc["scale"]), seed, min_pixels,
                                float(rcs.get("min_crop_ratio", 0.5)))
-        source = iter(DataLoader(crops, batch_size=batch, sampler=sampler, num_workers=workers, collate_fn=_collate))
+        source = iter(DataLoader(crops, batch_size=batch, sampler=sampler, num_workers=workers, collate_fn=_collate,
+                                 generator=_loader_generator(seed)))
     else:
         source = iter(_loader(dc["source"], transform(dc["scale"]), batch, seed, count, workers, start=start * batch))
     if unlabelled_key and not mixed:
