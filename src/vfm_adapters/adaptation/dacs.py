@@ -15,13 +15,15 @@ and a target batch ``x_t`` (REFERENCE.md section 3):
    and DAFormer code; ``weight_mode="image"`` gives one scalar per image).
 3. ClassMix: for each pair ``i``, half of the candidate classes (the batch's unique
    source label values, see :func:`class_mix_masks`; DACS's rounding: ``n`` candidates
-   -> ``(n + n % 2) // 2`` chosen by a random permutation) give a mask ``M``; ``x_m = M x_s + (1 - M) x_t``, ``y_m = M y_s + (1 - M) y_t``, weight
+   -> ``(n + n % 2) // 2`` chosen by a random permutation) give a mask ``M``;
+   ``x_m = M x_s + (1 - M) x_t``, ``y_m = M y_s + (1 - M) y_t``, weight
    ``w_m = M + (1 - M) w``.
 4. Strong augmentation of ``x_m``: colour jitter (0.2 each, p = 0.8) and Gaussian blur
    (p = 0.5, sigma 0.15-1.15).
 5. Target loss ``L_t = mean over all pixels of w_m * CE(f(x_m), y_m)``; the student
    takes a step on ``L_s + L_t``.
-6. The teacher follows: ``g <- a_t g + (1 - a_t) f``, ``a_t = min(1 - 1/(t + 1), 0.99)``.
+6. The teacher follows: ``g <- a_t g + (1 - a_t) f``, ``a_t = min(1 - 1/(t + 1), 0.99)``
+   (after the step; DAFormer: at the start of step ``t > 0``, ``ema_timing="before"``).
 
 DAFormer's additions are options: ``ema_alpha=0.999`` with the teacher updated at the
 START of step ``t > 0`` (``ema_timing="before"``), a linear learning-rate warm-up
