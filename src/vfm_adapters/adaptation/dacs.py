@@ -674,10 +674,10 @@ def dacs_step(
 
     alpha = ema_alpha(step, config.ema_alpha, config.ema_ramp)
     if config.ema_timing == "before":  # DAFormer: the teacher follows at the start of step t > 0
-        if step > 0 and update_teacher:
+        if step == 0:
+            alpha = 0.0  # step 0: the teacher is (re)set to the initial student (DAFormer's _init_ema_weights)
+        if update_teacher:
             ema_update(teacher, student, alpha)
-        else:
-            alpha = 0.0  # step 0: the teacher is the initial student
 
     student.train()
     captured: list[Any] = []

@@ -378,6 +378,16 @@ def save_adaptation_checkpoint(path: str | os.PathLike, trainer: Any, step: int,
     The student's trained tensors (parameters requiring gradients and every buffer), the
     whole teacher (its frozen entries drift by EMA rounding, so they are saved too), the
     optimiser, the scheduler, the trainer's generator and step, and the global RNGs.
+
+    Example:
+        >>> import tempfile
+        >>> trainer = DACSTrainer(nn.Conv2d(3, 2, 1))
+        >>> _ = trainer.step(torch.randn(1, 3, 4, 4), torch.zeros(1, 4, 4, dtype=torch.long), torch.randn(1, 3, 4, 4))
+        >>> path = Path(tempfile.mkdtemp()) / CHECKPOINT_NAME
+        >>> save_adaptation_checkpoint(path, trainer, step=1, config={})
+        >>> fresh = DACSTrainer(nn.Conv2d(3, 2, 1))
+        >>> load_adaptation_checkpoint(path, fresh), fresh.iteration, torch.equal(fresh.student.weight, trainer.student.weight)
+        (1, 1, True)
     """
     modules = _trainer_modules(trainer)
     student = modules["student"]
