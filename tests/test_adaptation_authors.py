@@ -97,7 +97,10 @@ def test_teacher_timing_against_a_hand_computation(timing):
     g = torch.Generator().manual_seed(0)
     src, tgt = torch.randn(2, 3, 4, 4, generator=g), torch.randn(2, 3, 4, 4, generator=g)
     lbl = torch.randint(0, 2, (2, 4, 4), generator=g)
-    students, teachers, seen = [1.0], [], []
+    if timing == "before":
+        with torch.no_grad():
+            student.w.fill_(2.0)  # changed after the teacher was made: step 0 re-copies it (DAFormer's init)
+    students, teachers, seen = [student.w.item()], [], []
     spy = trainer.teacher.register_forward_hook(lambda m, i, o: seen.append(m.w.item()))
     for _ in range(4):
         trainer.step(src, lbl, tgt)
