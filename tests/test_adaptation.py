@@ -180,7 +180,7 @@ def test_dacs_step_mixes_from_the_teacher_and_reduces_the_loss():
 
 
 def test_dacs_daformer_options_and_augmentation():
-    config = DACSConfig.daformer(ignore_top=3, ignore_bottom=2, seed=0)
+    config = DACSConfig.daformer(ignore_top=3, ignore_bottom=2, seed=0, class_mix_scope="image")
     assert config.ema_alpha == 0.999
     student = nn.Conv2d(3, 3, 1)
     teacher = make_teacher(student)
@@ -191,6 +191,9 @@ def test_dacs_daformer_options_and_augmentation():
     assert not out["masks"].any()  # only ignore in the source label: nothing pasted
     assert torch.all(out["mixed_weights"][:, :3] == 0) and torch.all(out["mixed_weights"][:, -2:] == 0)
     assert out["alpha"] == pytest.approx(1 - 1 / 6)
+    config.class_mix_scope = "batch"  # the authors' code: 255 is a candidate, so the ignored source is pasted
+    out = dacs_step(student, teacher, opt, src, lbl, tgt, step=5, config=config, generator=torch.Generator().manual_seed(0))
+    assert out["masks"].all() and torch.all(out["mixed_labels"] == 255)
     x = torch.rand(2, 3, 16, 16)
     m, s = (100.0, 110.0, 120.0), (50.0, 60.0, 70.0)
     assert torch.allclose(denormalize(normalize(x, m, s), m, s), x, atol=1e-5)

@@ -44,9 +44,11 @@ from .self_training import (
     FeatureSegmentor,
     SelfTrainer,
     SelfTrainingConfig,
+    SourceTrainer,
     TimmFeatureEncoder,
     UnlabelledFolder,
     from_segmentor,
+    self_training_mixed_step,
     self_training_step,
 )
 
@@ -70,4 +72,5 @@ __all__ = [
     "from_segmentor", "gaussian_blur", "generate_images", "load_adaptation_config", "load_prompts", "make_teacher",
     "merge_masks", "pseudo_label", "rare_class_probabilities", "sample_points", "self_training_step",
     "strong_augment", "train_adaptation", "warmup_poly_lambda",
+    "SourceTrainer", "self_training_mixed_step",
 ]

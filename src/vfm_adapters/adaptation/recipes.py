@@ -6,7 +6,7 @@ A config is YAML/JSON with the sections below; every key is optional except the 
 :func:`vfm_adapters.seg.training.build_segmentor`) plus the keys of a ``kind: features``
 model (a timm ``features_only`` encoder such as CLIP ConvNeXt-L + a decode head)::
 
-    recipe: dacs                          # dacs | self_training
+    recipe: dacs                          # dacs | self_training | source_only (CLOUDS stage 1)
     model:
       kind: vit                           # vit | features
       backbone: eva02_large_patch14_clip_224
@@ -27,13 +27,15 @@ model (a timm ``features_only`` encoder such as CLIP ConvNeXt-L + a decode head)
       crop_size: [512, 512]
       scale: [1280, 720]                  # source rescale; target_scale for the target
       target_scale: [1024, 512]
-      ratio_range: [0.5, 2.0]
-      rare_class_sampling: {temperature: 0.01, min_pixels: 3000, cache: null}   # or null
-    optim: {lr: 6.0e-4, backbone_lr_mult: 0.1, weight_decay: 0.01, warmup_iters: 1500, poly_power: 1.0}
-    train: {iterations: 40000, batch_size: 2, seed: 0, output_dir: runs/dacs}
+      ratio_range: null                   # null: FIXED keep-ratio resize (DAFormer); [0.5, 2.0]: random rescale
+      cat_max_ratio: 0.75                 # both domains (the target crop reads the target's labels if loaded)
+      rare_class_sampling: {temperature: 0.01, min_pixels: 3000, min_crop_ratio: 0.5, cache: null}   # or null
+    optim: {lr: 6.0e-4, backbone_lr_mult: 0.1, weight_decay: 0.01, warmup_iters: 1500, poly_power: 1.0,
+            schedule: poly}                 # poly (warm-up + poly) | constant (CLOUDS)
+    train: {iterations: 40000, batch_size: 2, seed: 0, checkpoint_interval: 1000, output_dir: runs/dacs}
     dacs: {ema_alpha: 0.999, ...}          # DACSConfig fields
     self_training: {ema_interval: 100, ...}  # SelfTrainingConfig fields
-    sam: {model: null, refine: {min_component_pixels: 5000}}   # a SamModel path/hub id enables refinement
+    sam: {enabled: true, model: null, refine: {min_component_pixels: 5000}}   # model null: DEFAULT_SAM (sam-vit-base)
     eval: {mode: slide, crop: 512, stride: 341}
 """
 
@@ -57,21 +59,29 @@ from ..seg import training as seg_training
 from ..seg.datasets import build_dataset
 from ..seg.heads import HEADS, Segmentor
 from ..seg.sampling import AugmentedStream, StreamSampler
-from ..seg.transforms import train_transform
-from .dacs import DACSConfig, DACSTrainer, RareClassSampler, class_pixel_counts, warmup_poly_lambda
+from ..seg.transforms import (Compose, Normalize, PhotoMetricDistortion, RandomCrop, RandomFlip, RandomRescale,
+                              Resize)
+from .dacs import (DACSConfig, DACSTrainer, RareClassCrops, RareClassPositions, RareClassSampler, class_pixel_counts,
+                   warmup_poly_lambda)
 from .self_training import (
     CLIP_CONVNEXT_L,
     DecodeHead,
     FeatureSegmentor,
+    MixedStream,
     SelfTrainer,
+    SourceTrainer,
     SelfTrainingConfig,
     TimmFeatureEncoder,
     UnlabelledFolder,
 )
 
-__all__ = ["DEFAULTS", "build_model", "build_trainer", "load_adaptation_config", "train_adaptation"]
+__all__ = ["CHECKPOINT_NAME", "DEFAULTS", "adaptation_transform", "build_clip_classifier", "build_model",
+           "build_trainer", "load_adaptation_checkpoint", "load_adaptation_config", "save_adaptation_checkpoint",
+           "train_adaptation"]
 
-RECIPES = ("dacs", "self_training")
+RECIPES = ("dacs", "self_training", "source_only")
+#: Resumable state of an adaptation run, in ``train.output_dir``.
+CHECKPOINT_NAME = "checkpoint.pt"
 
 DEFAULTS: dict[str, Any] = {
     "recipe": "dacs",
@@ -87,12 +97,13 @@ DEFAULTS: dict[str, Any] = {
     },
     "optim": {
         "lr": 6e-5, "weight_decay": 0.01, "betas": [0.9, 0.999], "backbone_lr_mult": 0.1, "poly_power": 1.0,
-        "warmup_iters": 0, "warmup_ratio": 1e-6, "grad_clip": None,
+        "warmup_iters": 0, "warmup_ratio": 1e-6, "grad_clip": None, "schedule": "poly",
     },
-    "train": {"iterations": 40000, "batch_size": 2, "seed": 0, "log_interval": 50, "output_dir": "runs/adaptation"},
+    "train": {"iterations": 40000, "batch_size": 2, "seed": 0, "log_interval": 50, "checkpoint_interval": 1000,
+              "output_dir": "runs/adaptation"},
     "dacs": {},
     "self_training": {},
-    "sam": {"model": None, "refine": {}},
+    "sam": {"enabled": None, "model": None, "refine": {}},
     "eval": copy.deepcopy(seg_training.DEFAULTS["eval"]),
 }
 
@@ -135,6 +146,8 @@ def load_adaptation_config(source: str | os.PathLike | Mapping[str, Any]) -> dic
         config[section].update(copy.deepcopy(dict(values)))
     if config["recipe"] not in RECIPES:
         raise seg_training.ConfigError(f"recipe must be one of {RECIPES}, got {config['recipe']!r}")
+    if config["optim"]["schedule"] not in ("poly", "constant"):
+        raise seg_training.ConfigError(f"optim.schedule must be 'poly' or 'constant', got {config['optim']['schedule']!r}")
     if config["model"]["kind"] not in ("vit", "features"):
         raise seg_training.ConfigError(f"model.kind must be 'vit' or 'features', got {config['model']['kind']!r}")
     DACSConfig.from_dict(config["dacs"])  # validate early
@@ -162,7 +175,12 @@ def build_model(model_config: Mapping[str, Any]) -> nn.Module:
     if cfg["head"] == "mask2former":
         from ..seg.mask2former import Mask2FormerHead
 
-        head = Mask2FormerHead(num_classes, encoder.channels, **dict(cfg["head_options"] or {}))
+        options = dict(cfg["head_options"] or {})
+        classifier = options.pop("classifier", None)
+        head = Mask2FormerHead(num_classes, encoder.channels, **options)
+        if classifier:
+            head.class_predictor = build_clip_classifier(classifier, head.config.hidden_dim, num_classes,
+                                                         encode=not cfg["decoder_checkpoint"])
     elif cfg["head"] in HEADS:
         head = HEADS[cfg["head"]](encoder.channels, num_classes, int(cfg["head_channels"]), float(cfg["dropout"]))
     else:
@@ -174,6 +192,49 @@ def build_model(model_config: Mapping[str, Any]) -> nn.Module:
         model.decoder.load_state_dict(load_file(str(cfg["decoder_checkpoint"])))
     model.mean, model.std = tuple(cfg["mean"]), tuple(cfg["std"])
     return model
+
+
+def build_clip_classifier(spec: Mapping[str, Any], hidden_dim: int, num_classes: int, encode: bool = True) -> nn.Module:
+    """CLOUDS' FC-CLIP-style classifier from a ``head_options.classifier`` mapping.
+
+    Keys: ``type: clip``; ``class_names`` (default: Cityscapes' 19 when ``num_classes`` is
+    19); ``text_model`` (a transformers CLIP id, :data:`~vfm_adapters.seg.clip_classifier.DEFAULT_TEXT_MODEL`);
+    ``embed_dim`` (768); ``templates`` (the 14 of FC-CLIP). The class names are encoded
+    now unless ``encode`` is False (a checkpoint will fill them) or the parameters live
+    on the meta device.
+
+    Example:
+        >>> with torch.device("meta"):
+        ...     clf = build_clip_classifier({"type": "clip"}, hidden_dim=16, num_classes=19)
+        >>> type(clf).__name__, clf.num_classes, tuple(clf.text_embeddings.shape)
+        ('CLIPTextClassifier', 19, (19, 768))
+    """
+    from ..seg.clip_classifier import CLIP_TEMPLATES, DEFAULT_TEXT_MODEL, CLIPTextClassifier, class_name_embeddings
+    from ..seg.datasets import CITYSCAPES_CLASSES
+
+    spec = dict(spec)
+    accepted = {"type", "class_names", "text_model", "embed_dim", "templates"}
+    unknown = sorted(set(spec) - accepted)
+    if unknown or spec.get("type", "clip") != "clip":
+        raise seg_training.ConfigError(f"head_options.classifier: type must be 'clip' and keys among {sorted(accepted)}, "
+                                       f"got {dict(spec)}")
+    names = spec.get("class_names")
+    if names is None:
+        if num_classes != len(CITYSCAPES_CLASSES):
+            raise seg_training.ConfigError("head_options.classifier.class_names is needed unless num_classes is 19 "
+                                           "(Cityscapes)")
+        names = list(CITYSCAPES_CLASSES)
+    if len(names) != num_classes:
+        raise seg_training.ConfigError(f"{len(names)} class names for {num_classes} classes")
+    counts = [len([n for n in str(name).split(",") if n.strip()]) for name in names]
+    classifier = CLIPTextClassifier(hidden_dim, int(spec.get("embed_dim", 768)), counts)
+    if encode and classifier.text_embeddings.device.type != "meta":
+        from ..seg.clip_classifier import transformers_text_encoder
+
+        text = transformers_text_encoder(spec.get("text_model") or DEFAULT_TEXT_MODEL)
+        embeddings, _ = class_name_embeddings(names, text, spec.get("templates") or CLIP_TEMPLATES)
+        classifier.set_text_embeddings(embeddings)
+    return classifier
 
 
 def _parameter_groups(model: nn.Module, optim: Mapping[str, Any]) -> list[dict]:
@@ -188,7 +249,11 @@ def _parameter_groups(model: nn.Module, optim: Mapping[str, Any]) -> list[dict]:
                         {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
 
 
-def build_trainer(config: Mapping[str, Any], model: nn.Module | None = None) -> DACSTrainer | SelfTrainer:
+def _constant(step: int) -> float:
+    return 1.0
+
+
+def build_trainer(config: Mapping[str, Any], model: nn.Module | None = None) -> DACSTrainer | SelfTrainer | SourceTrainer:
     """Model (unless given), AdamW, warm-up + poly schedule and the recipe's trainer.
 
     Example:
@@ -201,42 +266,66 @@ def build_trainer(config: Mapping[str, Any], model: nn.Module | None = None) -> 
     oc, mc = config["optim"], config["model"]
     optimizer = torch.optim.AdamW(_parameter_groups(model, oc), lr=oc["lr"], betas=tuple(oc["betas"]),
                                   weight_decay=oc["weight_decay"])
-    schedule = warmup_poly_lambda(int(config["train"]["iterations"]), int(oc["warmup_iters"]), float(oc["warmup_ratio"]),
-                                  float(oc["poly_power"]))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    if oc["schedule"] == "constant":  # CLOUDS: the lr never changes (its step at 100k is never reached)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _constant)
+    else:
+        schedule = warmup_poly_lambda(int(config["train"]["iterations"]), int(oc["warmup_iters"]),
+                                      float(oc["warmup_ratio"]), float(oc["poly_power"]))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     norm = {"mean": tuple(mc["mean"]), "std": tuple(mc["std"]), "seed": int(config["train"]["seed"])}
     if config["recipe"] == "dacs":
         return DACSTrainer(model, optimizer, DACSConfig.from_dict({**norm, **config["dacs"]}), scheduler)
+    if config["recipe"] == "source_only":
+        return SourceTrainer(model, optimizer, scheduler, oc["grad_clip"])
     refiner = None
-    if config["sam"].get("model"):
-        from transformers import SamModel
-
+    sam = config["sam"]
+    if sam.get("enabled") or (sam.get("enabled") is None and sam.get("model")):
         from .sam_refine import SamRefiner
 
-        refiner = SamRefiner(SamModel.from_pretrained(config["sam"]["model"]), config["sam"].get("refine") or {})
+        # loaded on first use (so a config builds offline / on the meta device)
+        refiner = SamRefiner.from_pretrained(sam.get("model"), sam.get("refine") or {})
     return SelfTrainer(model, optimizer, SelfTrainingConfig.from_dict({**norm, **config["self_training"]}), refiner,
                        scheduler, oc["grad_clip"])
-
-
-class _Positions(Sampler):
-    """``(position, index)`` pairs from a plain index iterator (for :class:`AugmentedStream`)."""
-
-    def __init__(self, indices: Sampler, start: int = 0) -> None:
-        self.indices, self.start = indices, start
-
-    def __iter__(self) -> Iterator[tuple[int, int]]:
-        for k, index in enumerate(self.indices):
-            yield self.start + k, int(index)
-
-    def __len__(self) -> int:
-        return len(self.indices)
 
 
 def _collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
     out = {"image": torch.stack([s["image"] for s in samples])}
     if all("label" in s for s in samples):
         out["label"] = torch.stack([s["label"] for s in samples])
+    if all("generated" in s for s in samples):
+        out["generated"] = torch.tensor([bool(s["generated"]) for s in samples])
     return out
+
+
+def adaptation_transform(crop_size: tuple[int, int], scale: tuple[int, int] | None,
+                         ratio_range: tuple[float, float] | None, cat_max_ratio: float, flip: float,
+                         photometric: bool, mean, std) -> Compose:
+    """The training pipeline of an adaptation config.
+
+    ``ratio_range=None`` is DAFormer's UDA pipeline: a FIXED keep-ratio resize into
+    ``scale`` (GTA5 (1280, 720), Cityscapes (1024, 512)), then the crop; a range gives
+    the random rescale of the supervised recipes.
+
+    Example:
+        >>> t = adaptation_transform((4, 4), (16, 8), None, 0.75, 0.0, False, (0, 0, 0), (1, 1, 1))
+        >>> t.transforms[0]
+        Resize(size=None, scale=(16, 8))
+    """
+    steps: list[Any] = []
+    if scale is not None:
+        steps.append(Resize(scale=tuple(scale)) if ratio_range is None else RandomRescale(tuple(scale), tuple(ratio_range)))
+    steps.append(RandomCrop(tuple(crop_size), cat_max_ratio=float(cat_max_ratio)))
+    if flip > 0:
+        steps.append(RandomFlip(flip))
+    if photometric:
+        steps.append(PhotoMetricDistortion())
+    steps.append(Normalize(mean, std))
+    return Compose(steps)
+
+
+def _loader_generator(seed: int) -> torch.Generator:
+    """A loader's own generator: creating a loader then draws nothing from the global RNG (exact resume)."""
+    return torch.Generator().manual_seed(int(seed))
 
 
 def _build_source(spec: Mapping[str, Any]):
@@ -245,18 +334,113 @@ def _build_source(spec: Mapping[str, Any]):
     return build_dataset(spec)
 
 
-def _loader(specs, transform, batch: int, seed: int, length: int, workers: int, sampler: Sampler | None = None):
+def _loader(specs, transform, batch: int, seed: int, length: int, workers: int, sampler: Sampler | None = None,
+            start: int = 0):
     sources = [_build_source(spec) for spec in specs]
     if sampler is None:
         weights = [float(spec.get("weight", 1.0)) for spec in specs]
-        sampler = StreamSampler([len(s) for s in sources], weights, seed=seed, length=length)
+        sampler = StreamSampler([len(s) for s in sources], weights, seed=seed, start=start, length=length)
     return DataLoader(AugmentedStream(sources, transform, seed), batch_size=batch, sampler=sampler,
-                      num_workers=workers, collate_fn=_collate)
+                      num_workers=workers, collate_fn=_collate, generator=_loader_generator(seed))
+
+
+def _trainer_modules(trainer: Any) -> dict[str, nn.Module]:
+    student = trainer.student if isinstance(trainer, DACSTrainer) else trainer.model
+    modules = {"student": student}
+    if getattr(trainer, "teacher", None) is not None:
+        modules["teacher"] = trainer.teacher
+    return modules
+
+
+def _rng_state() -> dict[str, Any]:
+    numpy_state = np.random.get_state()
+    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
+             "numpy": [numpy_state[0], numpy_state[1].tolist(), int(numpy_state[2]), int(numpy_state[3]),
+                       float(numpy_state[4])]}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: Mapping[str, Any]) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, position, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), position, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_adaptation_checkpoint(path: str | os.PathLike, trainer: Any, step: int, config: Mapping[str, Any]) -> None:
+    """Writes everything a bit-exact resume needs, atomically.
+
+    The student's trained tensors (parameters requiring gradients and every buffer), the
+    whole teacher (its frozen entries drift by EMA rounding, so they are saved too), the
+    optimiser, the scheduler, the trainer's generator and step, and the global RNGs.
+
+    Example:
+        >>> import tempfile
+        >>> trainer = DACSTrainer(nn.Conv2d(3, 2, 1))
+        >>> _ = trainer.step(torch.randn(1, 3, 4, 4), torch.zeros(1, 4, 4, dtype=torch.long), torch.randn(1, 3, 4, 4))
+        >>> path = Path(tempfile.mkdtemp()) / CHECKPOINT_NAME
+        >>> save_adaptation_checkpoint(path, trainer, step=1, config={})
+        >>> fresh = DACSTrainer(nn.Conv2d(3, 2, 1))
+        >>> load_adaptation_checkpoint(path, fresh), fresh.iteration, torch.equal(fresh.student.weight, trainer.student.weight)
+        (1, 1, True)
+    """
+    modules = _trainer_modules(trainer)
+    student = modules["student"]
+    payload = {
+        "step": int(step), "iteration": int(trainer.iteration),
+        "student": {**{n: p.detach().cpu().clone() for n, p in student.named_parameters() if p.requires_grad},
+                    **{n: b.detach().cpu().clone() for n, b in student.named_buffers()}},
+        "teacher": ({k: v.detach().cpu().clone() for k, v in modules["teacher"].state_dict().items()}
+                    if "teacher" in modules else None),
+        "optimizer": trainer.optimizer.state_dict(),
+        "scheduler": trainer.scheduler.state_dict() if trainer.scheduler is not None else None,
+        "generator": trainer.generator.get_state() if getattr(trainer, "generator", None) is not None else None,
+        "rng": _rng_state(), "config": json.dumps(config, sort_keys=True, default=str),
+    }
+    write_atomically(Path(path), lambda temporary: torch.save(payload, temporary))
+
+
+def load_adaptation_checkpoint(path: str | os.PathLike, trainer: Any, config: Mapping[str, Any] | None = None) -> int:
+    """Restores :func:`save_adaptation_checkpoint`'s state into a freshly built trainer; returns the step."""
+    payload = torch.load(path, map_location="cpu", weights_only=False)
+    if config is not None:
+        saved, now = json.loads(payload["config"]), json.loads(json.dumps(config, sort_keys=True, default=str))
+        changed = sorted(k for k in set(saved) | set(now) if k != "train" and saved.get(k) != now.get(k))
+        if changed:
+            raise seg_training.ConfigError(f"checkpoint {path} was written with a different config (sections "
+                                           f"{changed} differ); resume with the run's own config")
+    modules = _trainer_modules(trainer)
+    student = modules["student"]
+    owners = {n: p for n, p in student.named_parameters() if p.requires_grad}
+    owners.update(dict(student.named_buffers()))
+    if set(owners) != set(payload["student"]):
+        missing, extra = sorted(set(owners) - set(payload["student"])), sorted(set(payload["student"]) - set(owners))
+        raise seg_training.ConfigError(f"checkpoint {path} does not match this model (missing {missing[:5]}, "
+                                       f"unexpected {extra[:5]})")
+    with torch.no_grad():
+        for name, tensor in payload["student"].items():
+            owners[name].copy_(tensor)
+    if payload["teacher"] is not None and "teacher" in modules:
+        modules["teacher"].load_state_dict(payload["teacher"])
+    trainer.optimizer.load_state_dict(payload["optimizer"])
+    if payload["scheduler"] is not None and trainer.scheduler is not None:
+        trainer.scheduler.load_state_dict(payload["scheduler"])
+    if payload["generator"] is not None:
+        trainer.generator.set_state(payload["generator"])
+    trainer.iteration = int(payload["iteration"])
+    _set_rng_state(payload["rng"])
+    return int(payload["step"])
 
 
 def train_adaptation(config: str | os.PathLike | Mapping[str, Any], iterations: int | None = None,
                      log: Callable[[str], None] | None = print, device: str | None = None,
-                     overwrite: bool = False) -> dict[str, Any]:
+                     overwrite: bool = False, resume: bool = False, stop_after: int | None = None,
+                     progress: bool = True) -> dict[str, Any]:
     """Runs a DACS or self-training config; returns ``{"step", "loss", "results", "output_dir", "model", "trainer"}``.
 
     Saves the student at the end (``save_segmentor`` layout for a ViT segmentor, the
@@ -270,6 +454,13 @@ def train_adaptation(config: str | os.PathLike | Mapping[str, Any], iterations: 
         device: Default CUDA when available.
         overwrite: Replace a run already in ``train.output_dir``; without it such a
             directory is refused, so an earlier run is never silently replaced.
+        resume: Continue from ``output_dir/checkpoint.pt`` (written every
+            ``train.checkpoint_interval`` steps and when stopping): student, teacher,
+            optimiser, scheduler, the trainer's generator, the global RNGs and the data
+            stream positions are restored, so the resumed run is bit-identical to an
+            uninterrupted one.
+        stop_after: Stop (after checkpointing) once this many steps ran in this call.
+        progress: Show a tqdm progress bar.
     """
     config = load_adaptation_config(config)
     if iterations is not None:
@@ -278,58 +469,117 @@ def train_adaptation(config: str | os.PathLike | Mapping[str, Any], iterations: 
     output_dir = Path(tc["output_dir"])
     run_files = ("decoder.safetensors", "head.safetensors", "adapters", "results.json", "log.jsonl")
     existing = [name for name in run_files if (output_dir / name).exists()]
+    overwrite = overwrite or bool(resume)  # resuming continues the run in place (as seg.training's guard)
     if existing and not overwrite:
         raise seg_training.ConfigError(
             f"{output_dir} already holds a run ({', '.join(existing)}): pass overwrite=True (--overwrite) to "
             "replace it, or choose another train.output_dir"
         )
     say = log or (lambda _: None)
+    from tqdm.auto import tqdm
+
     seed = int(tc["seed"])
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    recipe = config["recipe"]
     if not dc["source"]:
         raise seg_training.ConfigError("data.source is empty: list the labelled source dataset(s)")
-    unlabelled_key = "target" if config["recipe"] == "dacs" else "unlabelled"
-    if not dc[unlabelled_key]:
-        raise seg_training.ConfigError(f"data.{unlabelled_key} is empty: the {config['recipe']} recipe needs it")
+    unlabelled_key = {"dacs": "target", "self_training": "unlabelled"}.get(recipe)
+    if unlabelled_key and not dc[unlabelled_key]:
+        raise seg_training.ConfigError(f"data.{unlabelled_key} is empty: the {recipe} recipe needs it")
 
     model = build_model(mc).to(device)
     trainer = build_trainer(config, model)
     total, batch, workers = int(tc["iterations"]), int(tc["batch_size"]), int(dc["num_workers"])
-    crop, ratio = tuple(dc["crop_size"]), tuple(dc["ratio_range"])
+    checkpoint_path = output_dir / CHECKPOINT_NAME
+    start = 0
+    if resume and checkpoint_path.is_file():
+        start = load_adaptation_checkpoint(checkpoint_path, trainer, config)
+        say(f"resumed from {checkpoint_path} at step {start}/{total}")
+    elif resume:
+        say(f"no checkpoint at {checkpoint_path}; starting from scratch")
+    end = total if stop_after is None else min(total, start + int(stop_after))
+    count = (end - start) * batch
+    crop = tuple(dc["crop_size"])
+    ratio = tuple(dc["ratio_range"]) if dc["ratio_range"] is not None else None
 
-    def transform(scale, with_flip=True):
-        return train_transform(crop, tuple(scale) if scale else None, ratio, dc["cat_max_ratio"],
-                               dc["flip"] if with_flip else 0.0, dc["photometric"], mc["mean"], mc["std"])
+    def transform(scale, with_flip=True, photometric=None, fixed=False):
+        return adaptation_transform(crop, tuple(scale) if scale else None, None if fixed else ratio,
+                                    dc["cat_max_ratio"], dc["flip"] if with_flip else 0.0,
+                                    dc["photometric"] if photometric is None else photometric, mc["mean"], mc["std"])
 
-    sampler = None
+    mixed = recipe == "self_training" and trainer.config.batch_mode == "mixed"
     rcs = dc["rare_class_sampling"]
-    if rcs:
+    if mixed:  # CLOUDS: one stream of source (rescale, crop, ColorAugSSD, flip) and generated (flip only)
+        sources = [_build_source(spec) for spec in dc["source"]]
+        generated = [_build_source(spec) for spec in dc["unlabelled"]]
+        source_t = transform(dc["scale"], photometric=True)
+        generated_t = Compose([RandomCrop(crop), RandomFlip(dc["flip"]), Normalize(mc["mean"], mc["std"])])
+        factor = float(trainer.config.generated_repeat_factor)
+        stream = MixedStream(sources + generated, [source_t] * len(sources) + [generated_t] * len(generated), seed,
+                             [False] * len(sources) + [True] * len(generated))
+        weights = [float(len(d)) for d in sources] + [factor * len(d) for d in generated]
+        sampler = StreamSampler([len(d) for d in sources + generated], weights, seed=seed, start=start * batch,
+                                length=count)
+        source = iter(DataLoader(stream, batch_size=batch, sampler=sampler, num_workers=workers, collate_fn=_collate,
+                                 generator=_loader_generator(seed)))
+        target = None
+    elif rcs:
+        unknown = sorted(set(rcs) - {"temperature", "min_pixels", "min_crop_ratio", "cache"})
+        if unknown:
+            raise seg_training.ConfigError(f"unknown rare_class_sampling key(s) {unknown}; accepted: "
+                                           "['cache', 'min_crop_ratio', 'min_pixels', 'temperature']")
         if len(dc["source"]) != 1:
             raise seg_training.ConfigError("rare-class sampling needs exactly one source dataset")
-        counts = class_pixel_counts(build_dataset(dc["source"][0]), int(mc["num_classes"]), rcs.get("cache"))
-        sampler = _Positions(RareClassSampler(counts, float(rcs.get("temperature", 0.01)),
-                                              int(rcs.get("min_pixels", 3000)), total * batch, seed))
-    source = iter(_loader(dc["source"], transform(dc["scale"]), batch, seed, total * batch, workers, sampler))
-    target = iter(_loader(dc[unlabelled_key], transform(dc["target_scale"]), batch, seed + 1, total * batch, workers))
+        source_data = _build_source(dc["source"][0])
+        counts = class_pixel_counts(source_data, int(mc["num_classes"]), rcs.get("cache"))
+        min_pixels = int(rcs.get("min_pixels", 3000))
+        sampler = RareClassPositions(RareClassSampler(counts, float(rcs.get("temperature", 0.01)), min_pixels,
+                                                      count, seed), start=start * batch)
+        crops = RareClassCrops(source_data, transform(dc["scale"]), seed, min_pixels,
+                               float(rcs.get("min_crop_ratio", 0.5)))
+        source = iter(DataLoader(crops, batch_size=batch, sampler=sampler, num_workers=workers, collate_fn=_collate,
+                                 generator=_loader_generator(seed)))
+    else:
+        source = iter(_loader(dc["source"], transform(dc["scale"]), batch, seed, count, workers, start=start * batch))
+    if unlabelled_key and not mixed:
+        target = iter(_loader(dc[unlabelled_key], transform(dc["target_scale"]), batch, seed + 1, count, workers,
+                              start=start * batch))
 
     output_dir.mkdir(parents=True, exist_ok=True)
-    if (output_dir / "log.jsonl").exists():
-        (output_dir / "log.jsonl").unlink()  # overwrite: a new run starts a new log
+    if start == 0 and (output_dir / "log.jsonl").exists():
+        (output_dir / "log.jsonl").unlink()  # a new run starts a new log; a resumed one appends
     write_atomically(output_dir / "config.json",
                      lambda path: Path(path).write_text(json.dumps(config, indent=2, default=str) + "\n"))
     started, out = time.perf_counter(), {"loss": float("nan")}
-    for step in range(total):
-        src, tgt = next(source), next(target)
-        out = trainer.step(src["image"].to(device), src["label"].to(device), tgt["image"].to(device))
-        if (step + 1) % max(int(tc["log_interval"]), 1) == 0 or step + 1 == total:
+    interval = int(tc["checkpoint_interval"])
+    bar = tqdm(total=total, initial=start, desc=recipe, disable=not progress, dynamic_ncols=True)
+    for step in range(start, end):
+        src = next(source)
+        if mixed:
+            out = trainer.step_mixed(src["image"].to(device), src["label"].to(device), src["generated"].to(device))
+        elif recipe == "source_only":
+            out = trainer.step(src["image"].to(device), src["label"].to(device))
+        else:
+            tgt = next(target)
+            out = trainer.step(src["image"].to(device), src["label"].to(device), tgt["image"].to(device))
+        done = step + 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{out['loss']:.3f}")
+        if done % max(int(tc["log_interval"]), 1) == 0 or done == end:
             entry = {k: v for k, v in out.items() if isinstance(v, (float, int, bool))}
-            entry.update(step=step + 1, seconds=round(time.perf_counter() - started, 2))
-            with open(output_dir / "log.jsonl", "a") as stream:
-                stream.write(json.dumps(entry) + "\n")
+            entry.update(step=done, seconds=round(time.perf_counter() - started, 2))
+            with open(output_dir / "log.jsonl", "a") as stream_file:
+                stream_file.write(json.dumps(entry) + "\n")
             say(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in entry.items()))
+        if (interval > 0 and done % interval == 0) or done == end:
+            save_adaptation_checkpoint(checkpoint_path, trainer, done, config)
+    bar.close()
+    if end < total:  # stopped early: the checkpoint holds everything; --resume continues
+        return {"step": end, "loss": out["loss"], "results": {}, "output_dir": str(output_dir), "model": model,
+                "trainer": trainer}
 
     if isinstance(model, Segmentor):
         seg_training.save_segmentor(model, output_dir, {k: v for k, v in mc.items() if k in seg_training.DEFAULTS["model"]},

@@ -13,10 +13,20 @@ Given an image and a teacher's pseudo label, :class:`SamRefiner` returns a refin
 6. every other pixel is ignored (255): it gets no loss.
 
 So a refined label only holds classes of the teacher's label, only inside SAM masks.
+When no component qualifies (every class region is at most ``min_component_pixels``),
+the raw teacher label is returned unchanged, as the CLOUDS code does (not an all-ignore
+label, which would drop the image from training).
 SAM is transformers' ``SamModel`` fed tensors directly (no ``SamProcessor``): the image
 is resized so its longer side is the model's input size, normalised with SAM's ImageNet
-statistics and padded bottom-right; point prompts are scaled by the same factor, and the
-low-resolution masks are upsampled to the padded input, cropped and resized back.
+statistics and padded bottom-right; point prompts ``(x, y)`` are multiplied by the same
+factor (``x * scale``, as ``SamProcessor`` and the CLOUDS code do: transformers' prompt
+encoder itself adds the half-pixel offset), and the low-resolution masks are upsampled to
+the padded input, cropped and resized back.
+
+The default model is :data:`DEFAULT_SAM` (``facebook/sam-vit-base``, the smallest SAM
+that ``transformers.SamModel`` loads). The CLOUDS authors default to MobileSAM (a
+TinyViT image encoder), which transformers does not load; any ``SamModel`` checkpoint
+(``facebook/sam-vit-huge`` for the original SAM) can be given instead.
 """
 
 from __future__ import annotations
@@ -31,7 +41,11 @@ from torch import Tensor, nn
 
 from ..seg.datasets import IGNORE_INDEX
 
-__all__ = ["SamRefineConfig", "SamRefiner", "class_components", "merge_masks", "sample_points"]
+__all__ = ["DEFAULT_SAM", "SamRefineConfig", "SamRefiner", "class_components", "merge_masks", "sample_points"]
+
+#: The SAM loaded when a config enables refinement without naming one (the smallest SAM
+#: that ``transformers.SamModel`` loads; the CLOUDS authors use MobileSAM).
+DEFAULT_SAM = "facebook/sam-vit-base"
 
 SAM_MEAN = (123.675, 116.28, 103.53)
 SAM_STD = (58.395, 57.12, 57.375)
@@ -143,7 +157,8 @@ class SamRefiner:
     """Refines pseudo labels with a transformers ``SamModel`` (see the module docstring).
 
     Args:
-        sam: A ``transformers.SamModel`` (e.g. ``SamModel.from_pretrained("facebook/sam-vit-huge")``).
+        sam: A ``transformers.SamModel``, or a hub id / path loaded with
+            ``SamModel.from_pretrained`` on first use (e.g. :data:`DEFAULT_SAM`).
         config: :class:`SamRefineConfig` or a mapping of its fields.
 
     Example:
@@ -165,13 +180,34 @@ class SamRefiner:
         (torch.Size([24, 24]), True)
     """
 
-    def __init__(self, sam: nn.Module, config: SamRefineConfig | Mapping[str, Any] | None = None) -> None:
-        self.sam = sam.eval()
-        for param in self.sam.parameters():
-            param.requires_grad_(False)
+    @classmethod
+    def from_pretrained(cls, name: str | None = None,
+                        config: SamRefineConfig | Mapping[str, Any] | None = None) -> "SamRefiner":
+        """A refiner that loads ``transformers.SamModel.from_pretrained(name or DEFAULT_SAM)`` on first use."""
+        return cls(name or DEFAULT_SAM, config)
+
+    def __init__(self, sam: nn.Module | str, config: SamRefineConfig | Mapping[str, Any] | None = None) -> None:
         self.config = config if isinstance(config, SamRefineConfig) else SamRefineConfig.from_dict(config or {})
+        self._sam: nn.Module | None = None
+        self.name = sam if isinstance(sam, str) else None
+        if not isinstance(sam, str):
+            self._set_model(sam)
+
+    def _set_model(self, sam: nn.Module) -> None:
+        self._sam = sam.eval()
+        for param in self._sam.parameters():
+            param.requires_grad_(False)
         size = sam.config.vision_config.image_size
         self.input_size = int(size[0] if isinstance(size, (list, tuple)) else size)
+
+    @property
+    def sam(self) -> nn.Module:
+        """The SAM model; a refiner built from a name loads it here, on first use."""
+        if self._sam is None:
+            from transformers import SamModel
+
+            self._set_model(SamModel.from_pretrained(self.name))
+        return self._sam
 
     @property
     def device(self) -> torch.device:
@@ -179,6 +215,7 @@ class SamRefiner:
 
     def preprocess(self, image: Tensor) -> tuple[Tensor, tuple[int, int]]:
         """``(3, H, W)`` 0..255 image -> SAM's ``(1, 3, S, S)`` input and the resized ``(h, w)``."""
+        self.sam  # noqa: B018 -- loads a named model (sets input_size)
         height, width = image.shape[-2:]
         scale = self.input_size / max(height, width)
         resized = (int(height * scale + 0.5), int(width * scale + 0.5))
@@ -208,7 +245,7 @@ class SamRefiner:
         all_masks, all_scores = [], []
         for start in range(0, len(points), self.config.prompts_per_call):
             chunk = torch.as_tensor(points[start : start + self.config.prompts_per_call], dtype=torch.float32)
-            coords = ((chunk + 0.5) * scale)[None].to(self.device)  # pixel centres, SAM's resized frame
+            coords = (chunk * scale)[None].to(self.device)  # SAM's resized frame; the encoder adds 0.5
             labels = torch.ones(coords.shape[:-1], dtype=torch.long, device=self.device)
             out = self.sam(image_embeddings=embeddings, input_points=coords, input_labels=labels, multimask_output=True)
             low = out.pred_masks[0].float()  # (n, M, h, w), over the padded S x S input
@@ -229,15 +266,16 @@ class SamRefiner:
             index: Mixed into the point-sampling seed (e.g. the image's stream position).
 
         Returns:
-            The refined ``(H, W)`` label (long, ``ignore_index`` outside kept masks).
+            The refined ``(H, W)`` label (long, ``ignore_index`` outside kept masks), or
+            the teacher's ``label`` itself when no component is large enough.
         """
         cfg = self.config
         shape = tuple(label.shape[-2:])
         if tuple(image.shape[-2:]) != shape:
             raise ValueError(f"image {tuple(image.shape[-2:])} and label {shape} differ in size")
         components = class_components(label, cfg.min_component_pixels, cfg.ignore_index, cfg.connectivity)
-        if not components:
-            return torch.full(shape, cfg.ignore_index, dtype=torch.long, device=label.device)
+        if not components:  # nothing to prompt: keep the teacher's label (CLOUDS)
+            return label.to(torch.long).clone()
         rng = np.random.default_rng([cfg.seed, int(index)])
         points = np.stack([sample_points(mask, cfg.points_per_component, rng) for _, mask in components])
         masks, scores = self.prompt(image, points)

@@ -8,8 +8,10 @@ street scenes, see :mod:`vfm_adapters.adaptation.generate`). In stage 2, per ste
    predicts the clean unlabelled image: ``y_u = argmax g(x_u)``;
 2. optionally :class:`~vfm_adapters.adaptation.sam_refine.SamRefiner` refines ``y_u``
    (kept SAM masks only, everything else 255);
-3. the student sees a colour-augmented copy ``A(x_u)`` and is trained with
-   ``L = L_sup(x_s, y_s) + lambda * L_sup(A(x_u), y_u)``;
+3. the student sees a colour-augmented copy ``A(x_u)`` (ColorAugSSD, as the CLOUDS code)
+   and is trained on ONE batch mixing source and generated images under one loss
+   (:func:`self_training_mixed_step`, the CLOUDS code), or -- ``batch_mode="separate"`` --
+   with ``L = L_sup(x_s, y_s) + lambda * L_sup(A(x_u), y_u)`` (:func:`self_training_step`);
 4. every ``ema_interval`` (100) steps: ``g <- 0.999 g + 0.001 f`` (decode head only).
 
 The model protocol is small: ``model.encoder(images)`` gives features (frozen, so they are
@@ -35,7 +37,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from ..seg.datasets import IGNORE_INDEX, IMAGE_SUFFIXES, read_image
-from ..seg.transforms import IMAGENET_MEAN, IMAGENET_STD
+from ..seg.transforms import IMAGENET_MEAN, IMAGENET_STD, PhotoMetricDistortion
 from .augment import denormalize, normalize
 from .dacs import strong_augment
 from .ema import ema_update, make_teacher
@@ -47,11 +49,15 @@ __all__ = [
     "CLIP_STD",
     "DecodeHead",
     "FeatureSegmentor",
+    "MixedStream",
     "SelfTrainer",
     "SelfTrainingConfig",
+    "SourceTrainer",
     "TimmFeatureEncoder",
     "UnlabelledFolder",
+    "augment_student_copy",
     "from_segmentor",
+    "self_training_mixed_step",
     "self_training_step",
 ]
 
@@ -262,6 +268,16 @@ class SelfTrainingConfig:
         blur_sigma: Blur sigma range.
         mean: Normalisation mean (0..255 scale) of the model's inputs.
         std: Normalisation std (0..255 scale).
+        batch_mode: ``"mixed"`` (the CLOUDS code: ONE batch mixes labelled source and
+            generated images, generated ones labelled by the teacher, under one loss;
+            :meth:`SelfTrainer.step_mixed`) or ``"separate"`` (a source and an unlabelled
+            batch, two losses; :meth:`SelfTrainer.step`). Used by the config runner.
+        generated_repeat_factor: Share of generated images in a mixed stream relative to
+            their count (CLOUDS 2.0: the generated set is seen twice per source epoch).
+        student_augment: Augmentation of the student's copy of a generated image:
+            ``"color_aug_ssd"`` (CLOUDS: the SSD/mmseg photometric distortion, brightness
+            +-32, contrast and saturation 0.5-1.5, hue +-18 degrees, each p = 0.5) or
+            ``"jitter_blur"`` (DACS's colour jitter + blur with the ``jitter_*``/``blur_*`` options).
         ignore_index: Ignored label.
         seed: Seed of the augmentation.
     """
@@ -274,12 +290,21 @@ class SelfTrainingConfig:
     jitter_p: float = 0.8
     blur_p: float = 0.5
     blur_sigma: tuple[float, float] = (0.15, 1.15)
+    batch_mode: str = "mixed"
+    generated_repeat_factor: float = 2.0
+    student_augment: str = "color_aug_ssd"
     mean: tuple[float, float, float] = field(default=IMAGENET_MEAN)
     std: tuple[float, float, float] = field(default=IMAGENET_STD)
     ignore_index: int = IGNORE_INDEX
     seed: int = 0
 
     def __post_init__(self) -> None:
+        if self.batch_mode not in ("mixed", "separate"):
+            raise ValueError(f"batch_mode must be 'mixed' (CLOUDS) or 'separate', got {self.batch_mode!r}")
+        if self.student_augment not in ("color_aug_ssd", "jitter_blur"):
+            raise ValueError(f"student_augment must be 'color_aug_ssd' or 'jitter_blur', got {self.student_augment!r}")
+        if self.generated_repeat_factor <= 0:
+            raise ValueError(f"generated_repeat_factor must be > 0, got {self.generated_repeat_factor}")
         if self.ema_interval < 1:
             raise ValueError(f"ema_interval must be at least 1, got {self.ema_interval}")
         if not 0.0 <= self.ema_alpha <= 1.0:
@@ -358,10 +383,7 @@ def self_training_step(
         raw = denormalize(unlabelled_images.detach().float(), config.mean, config.std) * 255.0
         pseudo = refiner(raw.clamp(0, 255), pseudo, start_index=step * unlabelled_images.shape[0])
     with torch.no_grad():
-        augmented = denormalize(unlabelled_images.detach().float(), config.mean, config.std).clamp(0, 1)
-        augmented = strong_augment(augmented, generator, config.jitter_strength, config.jitter_p, config.blur_p,
-                                   config.blur_sigma)
-        augmented = normalize(augmented, config.mean, config.std).to(unlabelled_images.dtype)
+        augmented = augment_student_copy(unlabelled_images, config, step, generator)
 
     model.train()
     loss_unlabelled = model.decoder.loss(model.decoder(model.encode(augmented)), pseudo)
@@ -384,6 +406,143 @@ def self_training_step(
     return {"loss": float(loss.detach()), "loss_source": float(loss_source.detach()),
             "loss_unlabelled": float(loss_unlabelled.detach()), "teacher_updated": updated,
             "pseudo_labels": pseudo.detach(), "augmented_images": augmented.detach()}
+
+
+def augment_student_copy(images: Tensor, config: SelfTrainingConfig, step: int,
+                         generator: torch.Generator | None = None) -> Tensor:
+    """The student's copy of normalised (clean) images: ColorAugSSD or jitter + blur.
+
+    ColorAugSSD draws per image from ``numpy`` generators seeded by ``(seed, step, i)``.
+
+    Example:
+        >>> x = torch.randn(2, 3, 8, 8)
+        >>> y = augment_student_copy(x, SelfTrainingConfig(), step=0)
+        >>> y.shape == x.shape, torch.equal(y, augment_student_copy(x, SelfTrainingConfig(), step=0))
+        (True, True)
+    """
+    raw = denormalize(images.detach().float(), config.mean, config.std).clamp(0, 1)
+    if config.student_augment == "jitter_blur":
+        out = strong_augment(raw, generator, config.jitter_strength, config.jitter_p, config.blur_p, config.blur_sigma)
+    else:
+        distort = PhotoMetricDistortion()
+        out = torch.stack([
+            distort({"image": image * 255.0}, rng=np.random.default_rng([config.seed, int(step), i]))["image"] / 255.0
+            for i, image in enumerate(raw.cpu())]).to(raw.device)
+    return normalize(out, config.mean, config.std).to(images.dtype)
+
+
+def self_training_mixed_step(
+    model: FeatureSegmentor,
+    teacher: DecodeHead,
+    optimizer: torch.optim.Optimizer,
+    images: Tensor,
+    labels: Tensor,
+    generated: Tensor,
+    step: int,
+    config: SelfTrainingConfig | None = None,
+    refiner: SamRefiner | None = None,
+    generator: torch.Generator | None = None,
+    scheduler: Any | None = None,
+    grad_clip: float | None = None,
+) -> dict[str, Any]:
+    """One CLOUDS step on ONE batch mixing labelled source and generated images.
+
+    The teacher labels the clean generated images (SAM-refined if a refiner is given),
+    the student sees them augmented (:func:`augment_student_copy`) and the source images
+    as they come (their augmentation is in the data pipeline); the whole batch, with the
+    source labels and the pseudo labels, goes through the decoder's loss ONCE (for a
+    Mask2Former head: one Hungarian matching and one criterion over all images).
+
+    Args:
+        images: Normalised ``(B, 3, H, W)`` images, source and generated.
+        labels: ``(B, H, W)``; the rows of generated images are ignored (replaced).
+        generated: ``(B,)`` bool, True for generated (unlabelled) images.
+        step: 0-based step; the teacher is updated when ``(step + 1) % ema_interval == 0``.
+
+    Returns:
+        ``{"loss", "generated", "teacher_updated", "pseudo_labels", "student_images", "targets"}``.
+
+    Example:
+        >>> from vfm_adapters.seg import LinearHead
+        >>> enc = TimmFeatureEncoder("convnext_atto", out_indices=(0,))
+        >>> model = FeatureSegmentor(enc, DecodeHead(LinearHead(enc.channels, num_classes=3)))
+        >>> opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+        >>> out = self_training_mixed_step(model, make_teacher(model.decoder), opt, torch.randn(4, 3, 32, 32),
+        ...     torch.zeros(4, 32, 32, dtype=torch.long), torch.tensor([False, True, False, True]), step=0)
+        >>> out["generated"], out["targets"].shape
+        (2, torch.Size([4, 32, 32]))
+    """
+    config = config or SelfTrainingConfig()
+    generated = generated.to(torch.bool).to(images.device)
+    if generated.shape != (images.shape[0],):
+        raise ValueError(f"generated must be a ({images.shape[0]},) bool flag per image, got {tuple(generated.shape)}")
+    student_images, targets = images.detach().clone(), labels.detach().clone().long()
+    pseudo = None
+    if bool(generated.any()):
+        clean = images[generated]
+        pseudo = teacher_labels(model, teacher, clean)
+        if refiner is not None:
+            raw = denormalize(clean.detach().float(), config.mean, config.std) * 255.0
+            pseudo = refiner(raw.clamp(0, 255), pseudo, start_index=step * images.shape[0])
+        with torch.no_grad():
+            student_images[generated] = augment_student_copy(clean, config, step, generator)
+        targets[generated] = pseudo.to(targets.device)
+
+    model.train()
+    loss = model.decoder.loss(model.decoder(model.encode(student_images)), targets)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip:
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], grad_clip)
+    optimizer.step()
+    if scheduler is not None:
+        scheduler.step()
+    updated = (step + 1) % config.ema_interval == 0
+    if updated:
+        ema_update(teacher, model.decoder, config.ema_alpha)
+    return {"loss": float(loss.detach()), "generated": int(generated.sum()), "teacher_updated": updated,
+            "pseudo_labels": None if pseudo is None else pseudo.detach(), "student_images": student_images,
+            "targets": targets}
+
+
+class MixedStream(Dataset):
+    """One stream over labelled source and unlabelled (generated) sets, each with its own transform.
+
+    Keyed by ``(position, index)`` like :class:`vfm_adapters.seg.AugmentedStream` (index
+    into the concatenation); each sample gets ``"generated"`` (bool) and, for unlabelled
+    images, an all-ignore ``"label"`` so a batch stacks.
+
+    Example:
+        >>> src = [{"image": torch.zeros(3, 4, 4), "label": torch.ones(4, 4, dtype=torch.long)}]
+        >>> gen = [{"image": torch.ones(3, 4, 4)}]
+        >>> stream = MixedStream([src, gen], [None, None])
+        >>> [(s["generated"], int(s["label"][0, 0])) for s in (stream[(0, 0)], stream[(1, 1)])]
+        [(False, 1), (True, 255)]
+    """
+
+    def __init__(self, sources: Sequence[Any], transforms: Sequence[Callable | None], seed: int = 0,
+                 generated: Sequence[bool] = (False, True), ignore_index: int = IGNORE_INDEX) -> None:
+        if not (len(sources) == len(transforms) == len(generated)):
+            raise ValueError("one transform and one generated flag per source")
+        self.sources, self.transforms, self.generated = list(sources), list(transforms), [bool(g) for g in generated]
+        self.offsets = np.cumsum([0] + [len(s) for s in self.sources])
+        self.seed, self.ignore_index = int(seed), ignore_index
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def __getitem__(self, key: tuple[int, int]) -> dict[str, Any]:
+        position, index = (int(k) for k in key)
+        source = int(np.searchsorted(self.offsets, index, side="right")) - 1
+        data, local = self.sources[source], index - int(self.offsets[source])
+        sample = dict(data.load(local) if hasattr(data, "load") else data[local])
+        if self.transforms[source] is not None:
+            sample = self.transforms[source](sample, rng=np.random.default_rng([self.seed, position]))
+        sample = dict(sample)
+        sample["generated"] = self.generated[source]
+        if "label" not in sample:
+            sample["label"] = torch.full(tuple(sample["image"].shape[-2:]), self.ignore_index, dtype=torch.long)
+        return sample
 
 
 class SelfTrainer:
@@ -430,9 +589,63 @@ class SelfTrainer:
         self.iteration = 0
 
     def step(self, source_images: Tensor | None, source_labels: Tensor | None, unlabelled_images: Tensor) -> dict[str, Any]:
-        """One :func:`self_training_step`; returns its dict."""
+        """One :func:`self_training_step` (separate source and unlabelled batches); returns its dict."""
         out = self_training_step(self.model, self.teacher, self.optimizer, source_images, source_labels,
                                  unlabelled_images, self.iteration, self.config, self.refiner, self.generator,
                                  self.scheduler, self.grad_clip)
         self.iteration += 1
         return out
+
+    def step_mixed(self, images: Tensor, labels: Tensor, generated: Tensor) -> dict[str, Any]:
+        """One :func:`self_training_mixed_step` (CLOUDS: one mixed batch, one loss); returns its dict."""
+        out = self_training_mixed_step(self.model, self.teacher, self.optimizer, images, labels, generated,
+                                       self.iteration, self.config, self.refiner, self.generator, self.scheduler,
+                                       self.grad_clip)
+        self.iteration += 1
+        return out
+
+
+class SourceTrainer:
+    """Source-only training of the decode head (CLOUDS stage 1): ``loss = decoder.loss(x_s, y_s)``.
+
+    Its ``decoder.safetensors`` is what stage 2 starts from (``model.decoder_checkpoint``).
+
+    Args:
+        model: A :class:`FeatureSegmentor` (or :func:`from_segmentor` of a seg segmentor).
+        optimizer: Default AdamW (lr 1e-4, wd 0.05) over trainable parameters.
+        scheduler: Optional scheduler stepped every step.
+        grad_clip: Gradient norm clip.
+
+    Example:
+        >>> from vfm_adapters.seg import LinearHead
+        >>> enc = TimmFeatureEncoder("convnext_atto", out_indices=(0,))
+        >>> trainer = SourceTrainer(FeatureSegmentor(enc, DecodeHead(LinearHead(enc.channels, 3))))
+        >>> out = trainer.step(torch.randn(2, 3, 32, 32), torch.zeros(2, 32, 32, dtype=torch.long))
+        >>> trainer.iteration, out["loss"] > 0
+        (1, True)
+    """
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, scheduler: Any | None = None,
+                 grad_clip: float | None = None) -> None:
+        if not (hasattr(model, "encoder") and hasattr(model, "decoder")):
+            model = from_segmentor(model)
+        self.model = model
+        if optimizer is None:
+            optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, weight_decay=0.05)
+        self.optimizer, self.scheduler, self.grad_clip = optimizer, scheduler, grad_clip
+        self.teacher, self.generator = None, None
+        self.iteration = 0
+
+    def step(self, images: Tensor, labels: Tensor) -> dict[str, Any]:
+        """One supervised step on a labelled batch; returns ``{"loss"}``."""
+        self.model.train()
+        loss = self.model.decoder.loss(self.model.decoder(self.model.encode(images)), labels)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.grad_clip:
+            torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], self.grad_clip)
+        self.optimizer.step()
+        if self.scheduler is not None:
+            self.scheduler.step()
+        self.iteration += 1
+        return {"loss": float(loss.detach())}

@@ -1,4 +1,4 @@
-"""``vfm-adapters adapt CONFIG``: run a DACS or self-training config (see examples/configs/adaptation/)."""
+"""``vfm-adapters adapt CONFIG``: run a DACS, source-only or self-training config (``vfm-adapters configs``)."""
 
 from __future__ import annotations
 
@@ -16,6 +16,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--iterations", type=int, default=None, help="override train.iterations")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     parser.add_argument("--overwrite", action="store_true", help="replace a run already in train.output_dir")
+    parser.add_argument("--resume", action="store_true", help="continue from train.output_dir/checkpoint.pt")
+    parser.add_argument("--stop-after", type=int, default=None, help="stop (checkpointed) after this many steps")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     add_threads_argument(parser)
 
 
@@ -26,5 +29,6 @@ def run(args: argparse.Namespace) -> int:
     refuse_plain_torchrun()
     with torch_threads(args.threads):
         train_adaptation(resolve_config(args.config), iterations=args.iterations, device=args.device,
-                         overwrite=args.overwrite)
+                         overwrite=args.overwrite, resume=args.resume, stop_after=args.stop_after,
+                         progress=not args.no_progress)
     return 0

@@ -31,6 +31,7 @@ from .datasets import (
 )
 from .features import BackboneFeatures, MultiScaleNeck, default_layers
 from .heads import FPNHead, LinearHead, Segmentor, segmentation_loss
+from .daformer_head import DAFormerHead  # registers HEADS["daformer"]
 from .inference import evaluate, predict, slide_inference, whole_inference
 from .metrics import ConfusionMeter, confusion_matrix, iou_from_confusion, results_table, summarize
 from .sampling import AugmentedStream, StreamSampler, mix_datasets
@@ -51,7 +52,7 @@ from .transforms import (
 __all__ = [
     "ACDC", "BDD100K", "CITYSCAPES_CLASSES", "CITYSCAPES_ID_TO_TRAINID", "DOMAINS", "GTA5", "IGNORE_INDEX",
     "MAPILLARY_ID_TO_TRAINID", "SYNTHETIC_CLASSES", "SYNTHIA_ID_TO_TRAINID", "AugmentedStream", "BackboneFeatures",
-    "Cityscapes", "Compose", "ConfusionMeter", "DatasetLayoutError", "FPNHead", "FolderDataset", "LinearHead",
+    "Cityscapes", "Compose", "ConfusionMeter", "DAFormerHead", "DatasetLayoutError", "FPNHead", "FolderDataset", "LinearHead",
     "Mapillary", "MultiScaleNeck", "Normalize", "PhotoMetricDistortion", "RandomCrop", "RandomFlip", "RandomRescale",
     "Resize", "SegmentationDataset", "Segmentor", "StreamSampler", "Synthia", "SyntheticScenes", "build_dataset",
     "build_segmentor", "confusion_matrix", "default_layers", "eval_transform", "evaluate", "iou_from_confusion",
