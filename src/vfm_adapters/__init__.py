@@ -29,6 +29,7 @@ from .methods.domino import DominoConfig, DominoNorm, inject_domain_rein, inject
 from .methods.adaptformer import AdaptFormerConfig, inject_adaptformer
 from .methods.lora import LoRAConfig, inject_lora, lora_layers, merge_lora, save_lora_for_peft, unmerge_lora
 from .methods.vpt import VPTConfig, inject_vpt
+from .official import export_official_rein, import_official_rein
 from .report import format_count, parameter_report, trainable_parameters
 
 __all__ = [
@@ -45,8 +46,10 @@ __all__ = [
     "DomainEmbedder",
     "DominoConfig",
     "DominoNorm",
+    "export_official_rein",
     "format_count",
     "HostSpec",
+    "import_official_rein",
     "inject_adaptformer",
     "inject_domain_rein",
     "inject_domino",
