@@ -20,7 +20,9 @@ TINY = dict(num_queries=QUERIES, num_decoder_layers=DEC_LAYERS, num_heads=HEADS,
             pixel_decoder_layers=ENC_LAYERS, pixel_decoder_ffn_dim=ENC_FFN, num_points=16)
 
 
-def mmdet_shapes(rein_queries: bool) -> dict[str, tuple[int, ...]]:
+def mmdet_shapes(rein_queries: bool, *, C=C, IN=IN, CLASSES=CLASSES, QUERIES=QUERIES, HEADS=HEADS, FFN=FFN,
+                 ENC_FFN=ENC_FFN, ENC_LAYERS=ENC_LAYERS, DEC_LAYERS=DEC_LAYERS) -> dict[str, tuple[int, ...]]:
+    """mmdet's names and shapes (defaults: the tiny head of these tests)."""
     shapes: dict[str, tuple[int, ...]] = {}
 
     def linear(name, out_features, in_features):
@@ -73,10 +75,10 @@ def mmdet_shapes(rein_queries: bool) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def mmdet_state(rein_queries: bool) -> dict[str, torch.Tensor]:
+def mmdet_state(rein_queries: bool, **sizes) -> dict[str, torch.Tensor]:
     """Every element a distinct integer (exact in float32)."""
     state, start = {}, 1
-    for name, shape in mmdet_shapes(rein_queries).items():
+    for name, shape in mmdet_shapes(rein_queries, **sizes).items():
         count = int(torch.Size(shape).numel())
         state[name] = torch.arange(start, start + count, dtype=torch.float32).reshape(shape)
         start += count

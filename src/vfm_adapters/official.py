@@ -448,3 +448,96 @@ def load_official_dinov2(model: nn.Module, source: str | os.PathLike | Mapping[s
         for name, target in expected.items():
             target.copy_(tensors[name])
     return model
+
+
+# ----------------------------------------------------------------------------- a whole released model -> a run directory
+def convert_official_rein(checkpoint: str | os.PathLike, output_dir: str | os.PathLike,
+                          config: str | os.PathLike | Mapping[str, Any], *,
+                          backbone: str | os.PathLike | None = None, overwrite: bool = False) -> Path:
+    """Writes an authors' Rein + Mask2Former checkpoint as a run directory that ``vfm-adapters eval`` reads.
+
+    The segmentor is built from ``config`` (``head: mask2former``, Rein injected with
+    the checkpoint's sizes, a neck WITHOUT parameters as in the authors' setup), then
+    the authors' Rein (:func:`import_official_rein`), head
+    (:func:`~vfm_adapters.seg.mask2former.load_official_head`) and, if given, the
+    converted DINOv2 (:func:`load_official_dinov2`; or ``backbone.*`` host keys of a
+    full checkpoint) are loaded, all names and shapes checked first. The directory
+    gets ``adapters/``, ``head.safetensors``, ``segmentor.json``, ``config.json`` and,
+    with backbone weights, ``backbone.safetensors`` (the config's ``pretrained`` is then
+    turned off, so evaluation uses exactly these weights).
+
+    Args:
+        checkpoint: The authors' checkpoint (``backbone.reins.*`` and ``decode_head.*``).
+        output_dir: The run directory to write.
+        config: A training config (path or dict) describing the same model.
+        backbone: The authors' converted DINOv2 file (``dinov2_converted.pth``).
+        overwrite: Replace a run already in ``output_dir``.
+
+    Returns:
+        ``output_dir``.
+    """
+    import json
+
+    from safetensors.torch import save_file
+
+    from ._io import write_atomically
+    from .seg.training import ConfigError, build_segmentor, load_config, save_segmentor
+
+    config = load_config(config)
+    model_config = config["model"]
+    if model_config.get("head") != "mask2former":
+        raise ConfigError(f"the authors' checkpoints hold a Mask2Former head: set model.head: mask2former "
+                          f"(the config says {model_config.get('head')!r})")
+    output_dir = Path(output_dir)
+    existing = [n for n in ("segmentor.json", "head.safetensors", "adapters", "backbone.safetensors") if (output_dir / n).exists()]
+    if existing and not overwrite:
+        raise ConfigError(f"{output_dir} already holds a run ({', '.join(existing)}); pass overwrite=True (--overwrite) "
+                          "to replace it or choose another directory")
+    state = read_official_checkpoint(checkpoint)
+    has_rein = any(k.startswith(OFFICIAL_REIN_PREFIX) for k in state)
+    methods = [m for m in (model_config.get("methods") or []) if m not in ("freeze", "none")]
+    if has_rein and methods != ["rein"]:
+        raise ConfigError(f"the checkpoint holds Rein: the config must inject exactly Rein (model.methods: [rein]), "
+                          f"it has {model_config.get('methods')}")
+    if not has_rein and methods:
+        raise ConfigError(f"the checkpoint holds no Rein (a frozen-backbone model): set model.methods: [freeze], "
+                          f"the config has {model_config.get('methods')}")
+    host_in_checkpoint = any(k.startswith("backbone.") and not k.startswith(OFFICIAL_REIN_PREFIX) for k in state)
+    backbone_source = backbone if backbone is not None else (state if host_in_checkpoint else None)
+    if backbone_source is None and not (model_config.get("pretrained") or model_config.get("backbone_checkpoint")):
+        raise ConfigError("no backbone weights: pass the authors' converted DINOv2 (--backbone dinov2_converted.pth), "
+                          "or a config whose model loads the host (pretrained / backbone_checkpoint)")
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(config["train"]["seed"]))
+        # With the authors' backbone file the host's own source (e.g. timm weights) is not needed.
+        segmentor = build_segmentor(dict(model_config, pretrained=False, backbone_checkpoint=None)
+                                    if backbone_source is not None else model_config)
+    neck_parameters = sum(p.numel() for p in segmentor.neck.parameters())
+    if neck_parameters:
+        raise ConfigError(
+            f"the config's neck has {neck_parameters} parameters, which the authors' checkpoint does not hold: their "
+            "neck only resizes the block outputs (bilinear x4, x2, x1, x0.5). Use the parameter-free neck "
+            "(model.neck: interpolate)"
+        )
+    host = segmentor.backbone
+    if has_rein:
+        import_official_rein(host, state)
+    from .seg.mask2former import load_official_head
+
+    load_official_head(segmentor, state)
+    saved_model_config = dict(model_config)
+    extra: dict[str, Any] = {"seed": int(config["train"]["seed"]), "converted_from": str(checkpoint)}
+    output_dir.mkdir(parents=True, exist_ok=True)
+    if backbone_source is not None:
+        load_official_dinov2(host, backbone_source)
+        host_state = {k: v.detach().cpu().contiguous() for k, v in host.state_dict().items()
+                      if not k.startswith("vfm_adapters.")}
+        write_atomically(output_dir / "backbone.safetensors", lambda p: save_file(host_state, p))
+        # load_segmentor reads backbone.safetensors when host_trained is set; nothing is downloaded.
+        saved_model_config.update(pretrained=False, backbone_checkpoint=None)
+        extra["host_trained"] = True
+    saved_config = dict(config, model=saved_model_config)
+    write_atomically(output_dir / "config.json", lambda p: Path(p).write_text(json.dumps(saved_config, indent=2) + "\n"))
+    save_segmentor(segmentor, output_dir, saved_model_config, extra)
+    return output_dir
