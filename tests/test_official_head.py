@@ -147,3 +147,21 @@ def test_bad_head_checkpoints_are_refused_and_the_head_is_unchanged(change, matc
     with pytest.raises(OfficialCheckpointError, match=match):
         load_official_head(head, theirs)
     assert all(torch.equal(v, before[k]) for k, v in head.state_dict().items())
+
+
+def test_the_released_paper_head_fits_by_names_and_shapes():
+    """The released DINOv2-L head (mmdet sizes of the authors' config) against our default head, on meta."""
+    from vfm_adapters.seg.mask2former import official_head_mapping
+
+    with torch.device("meta"):
+        head = Mask2FormerHead(19, [1024] * 4, link_rein_queries=True)
+    theirs = mmdet_shapes(True, C=256, IN=1024, CLASSES=19, QUERIES=100, HEADS=8, FFN=2048, ENC_FFN=1024,
+                          ENC_LAYERS=6, DEC_LAYERS=9)
+    ours = {k: tuple(v.shape) for k, v in head.state_dict().items()}
+    mapping = official_head_mapping(head)
+    assert {"decode_head." + name for name, _, _ in mapping} == set(theirs)
+    assert {our for _, our, _ in mapping} == {k for k in ours if not k.startswith("criterion.")}
+    for name, our, rows in mapping:
+        shape = theirs["decode_head." + name]
+        expected = shape if rows is None else (rows.stop - rows.start, *shape[1:])
+        assert expected == ours[our], (name, our)

@@ -267,3 +267,19 @@ def test_export_refuses_a_model_without_rein_or_with_a_partial_one():
         va.export_official_rein(va.inject_rein(host(), layers=[0, 1], token_length=TOKENS, query_dim=QUERY))
     with pytest.raises(va.AdapterError, match="link_queries=False"):
         va.export_official_rein(va.inject_rein(host(), link_queries=False, token_length=TOKENS))
+
+
+def test_the_released_dinov2_l_shapes_give_the_papers_rein_on_meta():
+    """The released checkpoint's shapes (L=24, m=100, r=16, c=1024, q=256) configure the paper's Rein."""
+    shapes = {k: tuple(v.shape) for k, v in authors_state(layers=1, tokens=2, rank=1, width=2, query=2).items()}
+    big = {"learnable_tokens_a": (24, 100, 16), "learnable_tokens_b": (24, 16, 1024), "scale": (),
+           "mlp_token2feat.weight": (1024, 1024), "mlp_token2feat.bias": (1024,), "mlp_delta_f.weight": (1024, 1024),
+           "mlp_delta_f.bias": (1024,), "transform.weight": (256, 1024), "transform.bias": (256,),
+           "merge.weight": (256, 768), "merge.bias": (256,)}
+    assert set(shapes) == {PREFIX + k for k in big}
+    released = {PREFIX + k: torch.empty(shape, device="meta") for k, shape in big.items()}
+    with torch.device("meta"):
+        vit = timm.create_model("vit_large_patch14_dinov2", img_size=512, patch_size=16, num_classes=0)
+    va.import_official_rein(vit, released)
+    assert va.trainable_parameters(vit) == 2_990_081
+    assert {k: tuple(v.shape) for k, v in va.export_official_rein(vit).items()} == {PREFIX + k: s for k, s in big.items()}
