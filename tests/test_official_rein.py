@@ -8,9 +8,9 @@ prefix token stripped), independently of the library.
 
 from __future__ import annotations
 
-import copy
 import math
 
+import numpy as np
 import pytest
 import timm
 import torch
@@ -250,13 +250,46 @@ def test_bad_inputs_get_clear_errors_and_leave_the_model_untouched(tmp_path, cas
     assert_untouched(model, before)
 
 
-def test_a_pickle_with_code_is_refused_not_run(tmp_path):
+class TrainingLogEntry:
+    """Stands for mmengine's HistoryBuffer in a checkpoint's message_hub: a class from outside torch."""
+
+    built = 0
+
+    def __init__(self):
+        self.values = [1.0, 2.0]
+
+    def __setstate__(self, state):
+        TrainingLogEntry.built += 1
+        self.__dict__.update(state)
+
+
+class RunsCode:
+    def __reduce__(self):
+        import os
+
+        return (os.system, ("echo ran > ran.txt",))
+
+
+def test_an_mmengine_checkpoint_with_logging_objects_loads_without_running_their_code(tmp_path):
+    theirs = authors_state(seed=9)
+    path = tmp_path / "iter_40000.pth"
+    torch.save({"state_dict": theirs, "meta": {"seed": np.int64(0), "iter": 40000},
+                "message_hub": {"log_scalars": {"loss": TrainingLogEntry()}}}, path)
+    TrainingLogEntry.built = 0
+    model = va.import_official_rein(host(), path)
+    assert TrainingLogEntry.built == 0  # replaced by a placeholder, never rebuilt
+    assert torch.equal(model.vfm_adapters["rein"].tokens_b, theirs[PREFIX + "learnable_tokens_b"])
+
+
+def test_a_pickle_that_would_run_code_is_refused_not_run(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     path = tmp_path / "evil.pth"
-    torch.save({"state_dict": authors_state(), "hook": copy.copy}, path)  # a function: refused by weights_only
+    torch.save({"state_dict": authors_state(), "hook": RunsCode()}, path)
     model = host()
     before = snapshot(model)
     with pytest.raises(OfficialCheckpointError, match="not a readable PyTorch checkpoint"):
         va.import_official_rein(model, path)
+    assert not (tmp_path / "ran.txt").exists()
     assert_untouched(model, before)
 
 

@@ -32,6 +32,7 @@ authors' name (``backbone.reins.``)    ours (``vfm_adapters.rein.``)
 from __future__ import annotations
 
 import os
+import pickle
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -100,14 +101,7 @@ def read_official_checkpoint(source: str | os.PathLike | Mapping[str, Any]) -> d
         path = Path(source)
         if not path.is_file():
             raise FileNotFoundError(f"checkpoint {path} not found")
-        try:
-            loaded = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as error:  # unpickling errors have many types; all mean "not a checkpoint we read"
-            raise OfficialCheckpointError(
-                f"{path} is not a readable PyTorch checkpoint ({type(error).__name__}: {error}). Expected a .pth "
-                "file saved by torch.save holding a state dict (or a dict with 'state_dict'), such as the Rein "
-                "authors' released checkpoints"
-            ) from error
+        loaded = _load_weights_only(path)
         where = str(path)
     elif isinstance(source, Mapping):
         loaded, where = source, "the given dict"
@@ -121,6 +115,47 @@ def read_official_checkpoint(source: str | os.PathLike | Mapping[str, Any]) -> d
     if not tensors:
         raise OfficialCheckpointError(f"{where} holds no tensors")
     return tensors
+
+
+class _Placeholder:
+    """Stands in for a non-tensor object of a checkpoint (mmengine's logging state, numpy
+    scalars in ``meta``): built without running any code of the original class."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def __setstate__(self, state: Any) -> None:
+        pass
+
+
+def _load_weights_only(path: Path) -> Any:
+    """``torch.load(weights_only=True)``; other objects beside the tensors become inert placeholders.
+
+    mmengine checkpoints keep their training log (``message_hub``: ``HistoryBuffer``
+    objects, numpy arrays) next to ``state_dict``. ``weights_only`` refuses those
+    globals; here each one is replaced by :class:`_Placeholder`, so the weights load and
+    no code from the file runs (modules torch blocks, such as ``os``, stay refused).
+    """
+    def unreadable(error: BaseException) -> OfficialCheckpointError:
+        return OfficialCheckpointError(
+            f"{path} is not a readable PyTorch checkpoint ({type(error).__name__}: {str(error).strip()[:300]}). "
+            "Expected a .pth file saved by torch.save holding a state dict (or a dict with 'state_dict'), such as "
+            "the Rein authors' released checkpoints; objects that would run code when loaded are refused"
+        )
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        first = error
+    except Exception as error:  # truncated or foreign files fail in many ways; all mean "not a checkpoint we read"
+        raise unreadable(error) from error
+    try:
+        names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+        stand_ins = [(type("Placeholder", (_Placeholder,), {"original": name}), name) for name in names]
+        with torch.serialization.safe_globals(stand_ins):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise unreadable(error) from first
 
 
 def _rein_tensors(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
