@@ -110,3 +110,23 @@ def test_convert_refuses_a_config_of_another_rein(tmp_path):
     with pytest.raises(ConfigError, match="no backbone weights"):
         va.official.convert_official_rein(checkpoint, tmp_path / "run", no_backbone)
     assert OFFICIAL_REIN_PREFIX == "backbone.reins."
+
+
+def test_convert_a_frozen_backbone_release_with_the_plain_head(tmp_path):
+    """The authors' frozen-VFM baseline: no Rein, mmdet's own query tables (query_embed / query_feat)."""
+    generator = torch.Generator().manual_seed(14)
+    head = {name: torch.randn(shape, generator=generator) * 0.2 for name, shape in mmdet_shapes(
+        False, C=C, IN=C, CLASSES=CLASSES, QUERIES=TOKENS, HEADS=2, FFN=16, ENC_FFN=16, ENC_LAYERS=1, DEC_LAYERS=1).items()}
+    full = {**head, **{f"backbone.{k}": v for k, v in facebook_dinov2_state(seed=15).items()}}  # generate_full_weights
+    checkpoint = tmp_path / "frozen_dinov2_mask2former.pth"
+    torch.save({"state_dict": full}, checkpoint)
+    config = tiny_config()
+    config["model"].update(methods=["freeze"], method_options={})
+    config["model"]["head_options"] = dict(HEAD, num_queries=TOKENS)
+    out = va.official.convert_official_rein(checkpoint, tmp_path / "run", config)
+    model, info = load_segmentor(out)
+    assert va.injected_methods(model.backbone) == [] and not model.head.link_rein_queries
+    assert torch.equal(model.head.transformer.queries_embedder.weight, head["decode_head.query_embed.weight"])
+    assert torch.equal(model.backbone.blocks[0].attn.qkv.bias, full["backbone.blocks.0.attn.qkv.bias"])
+    with pytest.raises(ConfigError, match="holds no Rein"):
+        va.official.convert_official_rein(checkpoint, tmp_path / "other", tiny_config())
