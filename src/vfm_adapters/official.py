@@ -137,8 +137,10 @@ def _load_weights_only(path: Path) -> Any:
     no code from the file runs (modules torch blocks, such as ``os``, stay refused).
     """
     def unreadable(error: BaseException) -> OfficialCheckpointError:
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        reason = next((line for line in lines if "GLOBAL" in line), lines[0] if lines else "")[:300]
         return OfficialCheckpointError(
-            f"{path} is not a readable PyTorch checkpoint ({type(error).__name__}: {str(error).strip()[:300]}). "
+            f"{path} is not a readable PyTorch checkpoint ({type(error).__name__}: {reason}). "
             "Expected a .pth file saved by torch.save holding a state dict (or a dict with 'state_dict'), such as "
             "the Rein authors' released checkpoints; objects that would run code when loaded are refused"
         )
