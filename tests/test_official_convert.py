@@ -54,7 +54,8 @@ def released_files(tmp_path):
         True, C=C, IN=C, CLASSES=CLASSES, QUERIES=TOKENS, HEADS=2, FFN=16, ENC_FFN=16, ENC_LAYERS=1, DEC_LAYERS=1).items()}
     rein = authors_state(layers=DEPTH, tokens=TOKENS, rank=RANK, width=C, query=C, seed=12)
     checkpoint = tmp_path / "dinov2_rein_and_head.pth"
-    torch.save({"meta": {"iter": 40000}, "state_dict": {**rein, **head}}, checkpoint)
+    torch.save({"meta": {"iter": 40000}, "state_dict": {**rein, **head, "auxiliary_head.conv.weight": torch.zeros(1)}},
+               checkpoint)
     backbone = tmp_path / "dinov2_converted.pth"
     assert (official_backbone_tests.C, official_backbone_tests.DEPTH) == (C, DEPTH)  # its file fits this config
     torch.save(facebook_dinov2_state(seed=13), backbone)
@@ -68,9 +69,11 @@ def test_convert_then_eval_uses_exactly_the_authors_weights(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["convert", "official-rein", str(checkpoint), str(out), "--config", str(config),
                  "--backbone", str(backbone)]) == 0
+    assert "auxiliary_head.conv.weight" in capsys.readouterr().out  # reported, not silently dropped
     assert {p.name for p in out.iterdir()} >= {"segmentor.json", "head.safetensors", "adapters", "backbone.safetensors",
                                                "config.json"}
     model, info = load_segmentor(out)
+    assert info["ignored_keys"] == ["auxiliary_head.conv.weight"]
     exported = va.export_official_rein(model.backbone)
     assert set(exported) == set(rein) and all(torch.equal(exported[k], rein[k]) for k in rein)
     head_state = model.head.state_dict()

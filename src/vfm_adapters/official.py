@@ -34,7 +34,7 @@ from __future__ import annotations
 import os
 import pickle
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -490,7 +490,8 @@ def load_official_dinov2(model: nn.Module, source: str | os.PathLike | Mapping[s
 # ----------------------------------------------------------------------------- a whole released model -> a run directory
 def convert_official_rein(checkpoint: str | os.PathLike, output_dir: str | os.PathLike,
                           config: str | os.PathLike | Mapping[str, Any], *,
-                          backbone: str | os.PathLike | None = None, overwrite: bool = False) -> Path:
+                          backbone: str | os.PathLike | None = None, overwrite: bool = False,
+                          log: Callable[[str], None] | None = None) -> Path:
     """Writes an authors' Rein + Mask2Former checkpoint as a run directory that ``vfm-adapters eval`` reads.
 
     The segmentor is built from ``config`` (``head: mask2former``, Rein injected with
@@ -509,6 +510,8 @@ def convert_official_rein(checkpoint: str | os.PathLike, output_dir: str | os.Pa
         config: A training config (path or dict) describing the same model.
         backbone: The authors' converted DINOv2 file (``dinov2_converted.pth``).
         overwrite: Replace a run already in ``output_dir``.
+        log: Called with a note about keys that belong to neither the backbone nor the
+            head (they are not used; ``segmentor.json`` lists them under ``ignored_keys``).
 
     Returns:
         ``output_dir``.
@@ -565,6 +568,12 @@ def convert_official_rein(checkpoint: str | os.PathLike, output_dir: str | os.Pa
     load_official_head(segmentor, state)
     saved_model_config = dict(model_config)
     extra: dict[str, Any] = {"seed": int(config["train"]["seed"]), "converted_from": str(checkpoint)}
+    ignored = sorted(k for k in state if not k.startswith(("backbone.", "decode_head.")))
+    if ignored:
+        extra["ignored_keys"] = ignored
+        if log is not None:
+            log(f"not used ({len(ignored)} keys outside backbone. and decode_head.): {ignored[:5]}"
+                f"{'...' if len(ignored) > 5 else ''}")
     output_dir.mkdir(parents=True, exist_ok=True)
     if backbone_source is not None:
         load_official_dinov2(host, backbone_source)

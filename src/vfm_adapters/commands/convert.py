@@ -33,6 +33,6 @@ def run(args: argparse.Namespace) -> int:
     from vfm_adapters.official import convert_official_rein
 
     output = convert_official_rein(args.checkpoint, args.output_dir, args.config, backbone=args.backbone,
-                                   overwrite=args.overwrite)
+                                   overwrite=args.overwrite, log=print)
     print(f"wrote {output}; evaluate with: vfm-adapters eval {output} --data NAME=TYPE:ROOT[:SPLIT]")
     return 0
