@@ -316,3 +316,25 @@ def test_the_released_dinov2_l_shapes_give_the_papers_rein_on_meta():
     va.import_official_rein(vit, released)
     assert va.trainable_parameters(vit) == 2_990_081
     assert {k: tuple(v.shape) for k, v in va.export_official_rein(vit).items()} == {PREFIX + k: s for k, s in big.items()}
+
+
+def test_on_a_host_with_registers_all_prefix_tokens_pass_through_and_patches_follow_the_formula():
+    """The authors strip one prefix token (CLS); a host with registers has five, and all of them pass through."""
+    def reg_host():
+        torch.manual_seed(2)
+        return timm.create_model("vit_small_patch14_reg4_dinov2", depth=DEPTH, embed_dim=WIDTH, num_heads=2,
+                                 img_size=32, patch_size=16).eval()
+
+    theirs = authors_state(seed=10)
+    model = va.import_official_rein(reg_host(), theirs).double()
+    clean = reg_host().double()
+    prefix = clean.num_prefix_tokens
+    assert prefix == 5
+    images = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    with torch.no_grad():
+        x = clean.norm_pre(clean._pos_embed(clean.patch_embed(images)))
+        for layer, block in enumerate(clean.blocks):
+            x = block(x)
+            x = torch.cat([x[:, :prefix], authors_refine(theirs, x[:, prefix:], layer)], dim=1)
+        expected = clean.norm(x)
+        torch.testing.assert_close(model.forward_features(images), expected, rtol=1e-10, atol=1e-10)
