@@ -328,3 +328,14 @@ def test_the_loaded_head_computes_what_mmdets_head_computes_in_float64():
     for (our_cls, our_mask), (their_cls, their_mask) in zip(got, expected):
         torch.testing.assert_close(our_cls, their_cls, rtol=1e-9, atol=1e-9)
         torch.testing.assert_close(our_mask, their_mask, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("rein_queries", [True, False])
+def test_export_gives_mmdets_names_and_shapes_and_round_trips_bit_identically(rein_queries):
+    from vfm_adapters.seg.mask2former import export_official_head
+
+    theirs = mmdet_state(rein_queries)
+    head = load_official_head(Mask2FormerHead(CLASSES, [IN] * 4, link_rein_queries=rein_queries, **TINY), theirs)
+    exported = export_official_head(head)
+    assert set(exported) == set(theirs)
+    assert all(torch.equal(exported[k], theirs[k]) for k in theirs)

@@ -54,6 +54,7 @@ __all__ = [
     "Mask2FormerOutput",
     "Mask2FormerSegmentor",
     "build_mask2former_segmentor",
+    "export_official_head",
     "load_official_head",
     "official_head_mapping",
     "semantic_inference",
@@ -774,3 +775,35 @@ def load_official_head(segmentor: nn.Module, state_dict: Mapping[str, Tensor] | 
             value = theirs[their_name] if rows is None else theirs[their_name][rows]
             ours[our_name].copy_(value)
     return segmentor
+
+
+def export_official_head(segmentor: nn.Module, *, prefix: str = OFFICIAL_HEAD_PREFIX) -> dict[str, Tensor]:
+    """Our head's tensors under mmdet's names (``decode_head.*``), the inverse of :func:`load_official_head`.
+
+    The decoder's separate ``q_proj``/``k_proj``/``v_proj`` are packed back into
+    mmdet's ``in_proj`` (rows q | k | v), so ``load_official_head(export_official_head(h))``
+    gives back bit-identical tensors.
+
+    Example:
+        >>> head = Mask2FormerHead(3, [16] * 4, num_queries=4, num_decoder_layers=1, num_heads=2, ffn_dim=32,
+        ...                        hidden_dim=32, pixel_decoder_layers=1, pixel_decoder_ffn_dim=32, num_points=16)
+        >>> theirs = export_official_head(head)
+        >>> tuple(theirs["decode_head.transformer_decoder.layers.0.self_attn.attn.in_proj_weight"].shape)
+        (96, 32)
+    """
+    head = segmentor.head if isinstance(segmentor, Mask2FormerSegmentor) else segmentor
+    if not isinstance(head, Mask2FormerHead):
+        raise TypeError(f"expected a Mask2FormerSegmentor or Mask2FormerHead, got {type(segmentor).__name__}")
+    ours = head.state_dict()
+    packed: dict[str, list[tuple[slice, Tensor]]] = {}
+    out: dict[str, Tensor] = {}
+    for their_name, our_name, rows in official_head_mapping(head):
+        value = ours[our_name].detach().clone()
+        if rows is None:
+            out[prefix + their_name] = value
+        else:
+            packed.setdefault(their_name, []).append((rows, value))
+    for their_name, parts in packed.items():
+        parts.sort(key=lambda part: part[0].start)
+        out[prefix + their_name] = torch.cat([value for _, value in parts], dim=0)
+    return out
