@@ -61,6 +61,8 @@ _EXPORTS: dict[str, str] = {
     "push_adapters_to_hub": ".hub",
     "resolve_adapter_source": ".hub",
     "save_pretrained": ".hub",
+    "export_official_rein": ".official",
+    "import_official_rein": ".official",
 }
 
 __all__ = ["__version__", *_EXPORTS]
@@ -101,3 +103,4 @@ if TYPE_CHECKING:  # static type checkers and IDEs see the eager imports
     from .methods.vpt import VPTConfig, inject_vpt
     from .report import format_count, parameter_report, trainable_parameters
     from .hub import from_pretrained, push_adapters_to_hub, resolve_adapter_source, save_pretrained
+    from .official import export_official_rein, import_official_rein
