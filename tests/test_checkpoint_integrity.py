@@ -300,3 +300,64 @@ def test_new_checkpoints_record_checksum_family_and_config_in_the_weights(saved_
     with safe_open(str(directory / WEIGHTS_NAME), "pt") as weights:
         metadata = weights.metadata()
     assert json.loads(metadata[CONFIG_METADATA_KEY]) == config and metadata[CHECKSUM_FIELD] == config[CHECKSUM_FIELD]
+
+
+# ---- 5. host weights load around injected adapters ---------------------------------------------
+
+
+def _pretrained_host_weights() -> dict[str, torch.Tensor]:
+    pretrained = make_vit()
+    with torch.no_grad():
+        for param in pretrained.parameters():
+            param.add_(0.05)
+    return {k: v.clone() for k, v in pretrained.state_dict().items()}
+
+
+@pytest.mark.parametrize("inject", [
+    lambda m: va.inject_lora(m, rank=2),
+    lambda m: va.inject_adaptformer(va.inject_lora(va.inject_rein(m, token_length=4, rank=2), rank=2), bottleneck=4),
+], ids=["lora", "rein+lora+adaptformer"])
+def test_host_weights_load_after_injection_around_peft_renames(inject):
+    host_weights = _pretrained_host_weights()
+    images = torch.randn(1, 3, 56, 56)
+    model = perturbed(inject(make_vit()), seed=4)
+    # What docs/api.md used to recommend skips LoRA's wrapped projections without a word:
+    assert "blocks.0.attn.qkv.weight" in model.load_state_dict(host_weights, strict=False).unexpected_keys
+
+    result = va.load_host_state_dict(model, host_weights)
+    assert result == va.HostLoadResult([], [])
+    reference = make_vit()
+    reference.load_state_dict(host_weights)  # load first, then inject: the documented order
+    reference = inject(reference)
+    wanted = va.adapter_state_dict(model)
+    with torch.no_grad():
+        for key, value in va.adapter_state_dict(reference).items():
+            value.copy_(wanted[key])
+        assert torch.equal(model.forward_features(images), reference.forward_features(images))
+
+
+def test_host_weight_loading_is_all_or_nothing():
+    host_weights = _pretrained_host_weights()
+    model = va.inject_lora(make_vit(), rank=2)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    incomplete = dict(host_weights)
+    incomplete.pop("blocks.1.attn.proj.weight")
+    with pytest.raises(va.AdapterError, match=r"missing \['blocks.1.attn.proj.weight'\]"):
+        va.load_host_state_dict(model, incomplete)
+    wrong = dict(host_weights, **{"blocks.3.mlp.fc2.bias": torch.zeros(3)})
+    with pytest.raises(va.AdapterError, match=r"blocks.3.mlp.fc2.bias: given \(3,\), model \(64,\)"):
+        va.load_host_state_dict(model, wrong)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+    result = va.load_host_state_dict(model, dict(incomplete, extra=torch.zeros(1)), strict=False)
+    assert result == va.HostLoadResult(["blocks.1.attn.proj.weight"], ["extra"])
+    assert torch.equal(model.blocks[0].attn.qkv.base_layer.weight, host_weights["blocks.0.attn.qkv.weight"])
+
+
+def test_weights_of_layers_domino_replaced_are_refused():
+    head = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4))
+    weights = {k: v + 1 for k, v in head.state_dict().items()}
+    va.inject_domino(head, embed_dim=3)
+    with pytest.raises(va.AdapterError, match=r"\['1.weight', '1.bias', '1.running_mean'.*load the host's weights before injecting"):
+        va.load_host_state_dict(head, weights)
+    va.load_host_state_dict(head, {k: v for k, v in weights.items() if k.startswith("0.")}, strict=False)
+    assert torch.equal(head[0].weight, weights["0.weight"])

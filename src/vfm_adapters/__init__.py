@@ -30,6 +30,7 @@ from .methods.adaptformer import AdaptFormerConfig, inject_adaptformer
 from .methods.lora import LoRAConfig, inject_lora, lora_layers, merge_lora, save_lora_for_peft, unmerge_lora
 from .methods.vpt import VPTConfig, inject_vpt
 from .report import format_count, parameter_report, trainable_parameters
+from .host_weights import HostLoadResult, load_host_state_dict
 
 __all__ = [
     "__version__",
@@ -46,6 +47,7 @@ __all__ = [
     "DominoConfig",
     "DominoNorm",
     "format_count",
+    "HostLoadResult",
     "HostSpec",
     "inject_adaptformer",
     "inject_domain_rein",
@@ -55,6 +57,7 @@ __all__ = [
     "inject_vpt",
     "injected_methods",
     "load_adapters",
+    "load_host_state_dict",
     "lora_layers",
     "LoRAConfig",
     "merge_lora",

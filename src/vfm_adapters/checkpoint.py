@@ -1,10 +1,13 @@
 """Saving and loading adapters: ``adapter_config.json`` + ``adapter_model.safetensors``.
 
-Only adapter tensors are written (never the host's), without pickle. Files are written
-to temporary names and moved into place, so an interrupted save never leaves a
-half-written file under the real name. Loading is strict and all-or-nothing: every
-file is read and every key and shape checked before the model is touched; methods that
-loading injected are removed again if anything fails.
+Only adapter tensors are written (never the host's), without pickle. The weights file
+also carries the config (in its safetensors metadata) and a checksum of the tensors; it
+is the commit point of a save, moved into place by one rename, so a save killed at any
+moment leaves the previous checkpoint or the new one, whole. Loading is strict and
+all-or-nothing: the config's fields, the host, and every tensor's name, shape and dtype
+(against a meta-device twin of the model, so nothing is allocated for a bad config),
+checksum and finiteness are checked before the model is touched; methods that loading
+injected are removed again and earlier values restored if anything fails.
 """
 
 from __future__ import annotations
