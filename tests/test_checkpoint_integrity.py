@@ -361,3 +361,18 @@ def test_weights_of_layers_domino_replaced_are_refused():
         va.load_host_state_dict(head, weights)
     va.load_host_state_dict(head, {k: v for k, v in weights.items() if k.startswith("0.")}, strict=False)
     assert torch.equal(head[0].weight, weights["0.weight"])
+
+
+def test_a_model_that_cannot_be_deep_copied_is_still_checked_before_copying(saved_rein, monkeypatch):
+    directory, values = saved_rein
+
+    def no_twin(model):
+        raise TypeError("cannot deepcopy this model")
+
+    monkeypatch.setattr(checkpoint, "_meta_twin", no_twin)
+    assert_same(adapter_values(va.load_adapters(make_vit(), directory)), values)
+    write_old_format(directory, lambda config, tensors: config["methods"]["rein"].update(token_length=6))
+    model = make_vit()
+    with pytest.raises(va.AdapterError, match="wrong shapes"):
+        va.load_adapters(model, directory)
+    assert va.injected_methods(model) == []

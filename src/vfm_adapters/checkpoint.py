@@ -363,10 +363,11 @@ def load_adapters(model: nn.Module, directory: str | os.PathLike, *, allow_nonfi
         _check_host(config.get("host"), model)
         to_inject = _methods_to_inject(model, config)
         expected = _expected_tensors(model, to_inject, list(config["methods"]))
-        _check_header(weights, expected, directory / WEIGHTS_NAME)
-        tensors = {key: weights.get_tensor(key) for key in expected}
+        if expected is not None:
+            _check_header(_header(weights), expected, directory / WEIGHTS_NAME)
+        tensors = {key: weights.get_tensor(key) for key in weights.keys()}
     _check_values(tensors, config, directory / WEIGHTS_NAME, allow_nonfinite)
-    _apply(model, to_inject, tensors, list(config["methods"]))
+    _apply(model, to_inject, tensors, list(config["methods"]), directory / WEIGHTS_NAME)
     return model
 
 
@@ -398,15 +399,21 @@ def _meta_twin(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model, memo)
 
 
-def _expected_tensors(model: nn.Module, to_inject: list[tuple[str, Any]], methods: list[str]) -> dict[str, torch.Tensor]:
+def _expected_tensors(
+    model: nn.Module, to_inject: list[tuple[str, Any]], methods: list[str]
+) -> dict[str, torch.Tensor] | None:
     """The adapter tensors (on the meta device) that loading these methods will fill.
 
     The methods are injected into a meta-device twin of the model, so a config asking
     for a huge adapter allocates nothing and every injection error surfaces before the
-    model is touched.
+    model is touched. ``None`` for a model that cannot be deep-copied: its methods are
+    then injected for real and checked before any value is copied (and removed again).
     """
     if to_inject:
-        twin = _meta_twin(model)
+        try:
+            twin = _meta_twin(model)
+        except Exception:  # noqa: BLE001 - an exotic attribute that refuses deepcopy: check after injecting
+            return None
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the real injection warns
             for name, method_config in to_inject:
@@ -418,13 +425,28 @@ def _expected_tensors(model: nn.Module, to_inject: list[tuple[str, Any]], method
 
 _SAFETENSORS_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "F8_E4M3": getattr(torch, "float8_e4m3fn", None), "F8_E5M2": getattr(torch, "float8_e5m2", None),
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
 }
 
 
-def _check_header(weights: Any, expected: dict[str, torch.Tensor], path: Path) -> None:
-    """Names, shapes and dtypes from the file's header against what the model will hold."""
-    saved = set(weights.keys())
+def _header(weights: Any) -> dict[str, tuple[tuple[int, ...], str]]:
+    """``name -> (shape, safetensors dtype name)`` from the file's header, without reading the data."""
+    header = {}
+    for key in weights.keys():
+        view = weights.get_slice(key)
+        header[key] = (tuple(view.get_shape()), view.get_dtype())
+    return header
+
+
+def _header_of_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, tuple[tuple[int, ...], str]]:
+    names = {dtype: name for name, dtype in _SAFETENSORS_DTYPES.items() if dtype is not None}
+    return {k: (tuple(t.shape), names.get(t.dtype, str(t.dtype))) for k, t in tensors.items()}
+
+
+def _check_header(header: dict[str, tuple[tuple[int, ...], str]], expected: dict[str, torch.Tensor], path: Path) -> None:
+    """Names, shapes and dtypes of the saved tensors against what the model will hold."""
+    saved = set(header)
     missing = sorted(set(expected) - saved)
     unexpected = sorted(saved - set(expected))
     if missing or unexpected:
@@ -434,8 +456,7 @@ def _check_header(weights: Any, expected: dict[str, torch.Tensor], path: Path) -
         )
     wrong_shapes, wrong_dtypes = [], []
     for key, target in expected.items():
-        view = weights.get_slice(key)
-        shape, dtype_name = tuple(view.get_shape()), view.get_dtype()
+        shape, dtype_name = header[key]
         if shape != tuple(target.shape):
             wrong_shapes.append(f"{key}: saved {shape}, model {tuple(target.shape)}")
         dtype = _SAFETENSORS_DTYPES.get(dtype_name)
@@ -467,7 +488,9 @@ def _check_values(tensors: dict[str, torch.Tensor], config: dict[str, Any], path
             )
 
 
-def _apply(model: nn.Module, to_inject: list[tuple[str, Any]], tensors: dict[str, torch.Tensor], methods: list[str]) -> None:
+def _apply(
+    model: nn.Module, to_inject: list[tuple[str, Any]], tensors: dict[str, torch.Tensor], methods: list[str], path: Path
+) -> None:
     """Injects the missing methods and copies the values; on any error the model is as before."""
     state = injection_state(model)
     # Values of methods already injected, restored if a later step fails.
@@ -480,6 +503,8 @@ def _apply(model: nn.Module, to_inject: list[tuple[str, Any]], tensors: dict[str
             inject(model, name, method_config)
             injected_here.append(name)
         state = injection_state(model)
+        expected = {k: v for k, v in adapter_state_dict(model).items() if k.split(".", 1)[0] in methods}
+        _check_header(_header_of_tensors(tensors), expected, path)  # done on the twin already, unless it failed
         subsets = {}
         for name in methods:
             prefix = name + "."
