@@ -15,6 +15,7 @@ from torch import nn
 
 import vfm_adapters as va
 from vfm_adapters import checkpoint
+from vfm_adapters.methods.base import injection_state
 from vfm_adapters.checkpoint import CHECKSUM_FIELD, CONFIG_METADATA_KEY, CONFIG_NAME, WEIGHTS_NAME
 
 
@@ -47,6 +48,7 @@ def write_old_format(directory: Path, edit=None) -> None:
     tensors = load_file(directory / WEIGHTS_NAME)
     config = json.loads((directory / CONFIG_NAME).read_text())
     config.pop(CHECKSUM_FIELD)
+    config.pop("config_sha256")
     if edit is not None:
         tensors = edit(config, tensors) or tensors
     save_file(tensors, directory / WEIGHTS_NAME, metadata={"format": "pt"})
@@ -122,6 +124,28 @@ def test_a_save_interrupted_between_the_two_files_keeps_a_loadable_pair(saved_re
     monkeypatch.setattr(checkpoint, "write_atomically", real_write)
     assert va.read_adapter_config(directory)["methods"]["rein"]["token_length"] == 7
     assert_same(adapter_values(va.load_adapters(make_vit(), directory)), adapter_values(new_model))
+
+
+def test_an_interrupted_save_of_the_same_tensors_with_another_config_loads_the_new_pair(tmp_path, monkeypatch):
+    """Same tensors, another LoRA alpha: the leftover config is recognised as another save's."""
+    model = perturbed(va.inject_lora(make_vit(), rank=2, alpha=2.0), seed=1)
+    va.save_adapters(model, tmp_path)
+    values = adapter_values(model)
+    va.remove_adapters(model)
+    va.inject_lora(model, rank=2, alpha=8.0)
+    with torch.no_grad():
+        for key, tensor in va.adapter_state_dict(model).items():
+            tensor.copy_(values[key])
+    real_write = checkpoint.write_atomically
+    monkeypatch.setattr(checkpoint, "write_atomically",
+                        lambda path, write: (_ for _ in ()).throw(KeyboardInterrupt()) if Path(path).name == CONFIG_NAME
+                        else real_write(path, write))
+    with pytest.raises(KeyboardInterrupt):
+        va.save_adapters(model, tmp_path)
+    assert json.loads((tmp_path / CONFIG_NAME).read_text())["methods"]["lora"]["alpha"] == 2.0  # the leftover
+    loaded = va.load_adapters(make_vit(), tmp_path)
+    assert injection_state(loaded).configs["lora"].alpha == 8.0
+    assert_same(adapter_values(loaded), values)
 
 
 # ---- 2. validate everything, then copy -------------------------------------------------------

@@ -43,6 +43,9 @@ FORMAT_VERSION = 1
 CONFIG_METADATA_KEY = "vfm_adapters_config"
 #: Field (config and weights metadata) holding :func:`tensors_checksum` of the saved tensors.
 CHECKSUM_FIELD = "tensors_sha256"
+#: Config field holding the SHA-256 of the config itself: tells a config edited by hand
+#: from one left over by an interrupted save.
+CONFIG_CHECKSUM_FIELD = "config_sha256"
 #: Larger adapter_config.json files are refused before reading (a real one is a few KB).
 MAX_CONFIG_BYTES = 1 << 20
 
@@ -100,6 +103,7 @@ def save_adapters(model: nn.Module, directory: str | os.PathLike) -> Path:
         "method_order": list(state.configs),
     }
     config[CHECKSUM_FIELD] = tensors_checksum(tensors)
+    config[CONFIG_CHECKSUM_FIELD] = _config_checksum(config)
     config_text = json.dumps(config, indent=2, sort_keys=True) + "\n"
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -107,7 +111,7 @@ def save_adapters(model: nn.Module, directory: str | os.PathLike) -> Path:
     # The weights file is the commit point: it carries the config in its metadata, so the
     # one rename that puts it in place switches weights and config together. A process
     # killed before that rename leaves the previous checkpoint whole; killed after it, the
-    # new one loads (a stale adapter_config.json is recognised by its checksum).
+    # new one loads (a stale adapter_config.json is recognised by its config checksum).
     metadata = {"format": "pt", CONFIG_METADATA_KEY: config_text, CHECKSUM_FIELD: config[CHECKSUM_FIELD]}
     write_atomically(directory / WEIGHTS_NAME, lambda path: save_file(tensors, path, metadata=metadata))
     write_atomically(directory / CONFIG_NAME, lambda path: Path(path).write_text(config_text))
@@ -122,6 +126,12 @@ def _remove_stale_temporaries(directory: Path) -> None:
                 stale.unlink()
             except FileNotFoundError:
                 pass
+
+
+def _config_checksum(config: dict[str, Any]) -> str:
+    """SHA-256 of the config's canonical JSON, without this checksum itself."""
+    content = {k: v for k, v in config.items() if k != CONFIG_CHECKSUM_FIELD}
+    return hashlib.sha256(json.dumps(content, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def tensors_checksum(tensors: dict[str, torch.Tensor]) -> str:
@@ -201,15 +211,18 @@ def _resolve_config(directory: Path, metadata: dict[str, str] | None) -> dict[st
             )
         return from_file
     embedded = _parse_config(embedded_text, f"the config saved inside {directory / WEIGHTS_NAME}")
-    if from_file is None or from_file.get(CHECKSUM_FIELD) != embedded.get(CHECKSUM_FIELD):
-        return embedded  # the file is missing or left over from the save these weights replaced
-    if from_file != embedded:
+    if from_file is None or from_file == embedded:
+        return embedded
+    recorded = from_file.get(CONFIG_CHECKSUM_FIELD)
+    if recorded is not None and recorded != _config_checksum(from_file):
         changed = sorted(k for k in set(from_file) | set(embedded) if from_file.get(k) != embedded.get(k))
         raise AdapterError(
             f"{directory / CONFIG_NAME} was changed after saving: {changed} differ from the config saved with the "
             f"weights in {WEIGHTS_NAME}. Inject the configuration you want and save again instead of editing the file"
         )
-    return from_file
+    # A whole config of another save: left over by a save interrupted after its weights
+    # file (the commit point) was in place. The config saved with the weights is theirs.
+    return embedded
 
 
 def _require(condition: bool, source: str, message: str) -> None:
@@ -275,13 +288,14 @@ def validate_adapter_config(config: Any, source: str = CONFIG_NAME) -> dict[str,
             source,
             f"method_order must list each of {sorted(methods)} once, got {order!r}",
         )
-    if CHECKSUM_FIELD in config:
-        value = config[CHECKSUM_FIELD]
-        _require(
-            isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value),
-            source,
-            f"{CHECKSUM_FIELD} must be a SHA-256 hex digest, got {value!r}",
-        )
+    for field in (CHECKSUM_FIELD, CONFIG_CHECKSUM_FIELD):
+        if field in config:
+            value = config[field]
+            _require(
+                isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value),
+                source,
+                f"{field} must be a SHA-256 hex digest, got {value!r}",
+            )
     return config
 
 
