@@ -400,3 +400,16 @@ def test_a_model_that_cannot_be_deep_copied_is_still_checked_before_copying(save
     with pytest.raises(va.AdapterError, match="wrong shapes"):
         va.load_adapters(model, directory)
     assert va.injected_methods(model) == []
+
+
+def test_a_checkpoint_written_by_version_0_1_0_still_loads(tmp_path):
+    """tests/data/rein_checkpoint_v0.1.0 was written by save_adapters before issue 13."""
+    source = Path(__file__).parent / "data" / "rein_checkpoint_v0.1.0"
+    stored = load_file(source / WEIGHTS_NAME)
+    model = timm.create_model("vit_small_patch14_dinov2", depth=2, embed_dim=32, num_heads=2, img_size=28)
+    va.load_adapters(model, source)
+    assert_same(adapter_values(model), stored)
+    # Saved again, it gains the checksum and the embedded config, and loads the same.
+    va.save_adapters(model, tmp_path)
+    again = timm.create_model("vit_small_patch14_dinov2", depth=2, embed_dim=32, num_heads=2, img_size=28)
+    assert_same(adapter_values(va.load_adapters(again, tmp_path)), stored)
