@@ -73,6 +73,12 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 def save_adapters(model: nn.Module, directory: str | os.PathLike) -> Path:
     """Writes the adapters of ``model`` to ``directory`` (created if needed).
 
+    The weights file, which also carries the config and a checksum of the tensors, is
+    moved into place by one rename; ``adapter_config.json`` (a readable copy) follows.
+    A save killed at any moment leaves the previous checkpoint or the new one, whole;
+    temporaries a killed save left behind are removed by the next save. Other files in
+    ``directory`` are left alone.
+
     Returns:
         The directory.
 
@@ -210,6 +216,8 @@ def _resolve_config(directory: Path, metadata: dict[str, str] | None) -> dict[st
                 "(written by vfm_adapters.save_adapters)"
             )
         return from_file
+    if len(embedded_text) > MAX_CONFIG_BYTES:
+        raise AdapterError(f"{directory / WEIGHTS_NAME} carries a config of {len(embedded_text)} bytes; at most {MAX_CONFIG_BYTES}")
     embedded = _parse_config(embedded_text, f"the config saved inside {directory / WEIGHTS_NAME}")
     if from_file is None or from_file == embedded:
         return embedded
