@@ -155,6 +155,25 @@ def test_a_refused_injection_leaves_the_model_untouched(name):
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
+def test_a_failure_after_attaching_is_rolled_back_completely(name, monkeypatch):
+    """Every change ``attach`` makes is recorded, so undoing it gives the model back exactly."""
+    case = CASES[name]
+    model = case.build()
+    before = snapshot(model)
+    method_class = type(get_method(name))
+    real_attach = method_class.attach
+
+    def attach_then_fail(self, *args):
+        real_attach(self, *args)
+        raise RuntimeError("simulated failure after attaching")
+
+    monkeypatch.setattr(method_class, "attach", attach_then_fail)
+    with pytest.raises(RuntimeError, match="simulated"):
+        case.inject(model)
+    assert_unchanged(model, before)
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
 def test_save_load_round_trip_is_bit_exact(name, tmp_path):
     case = CASES[name]
     model = injected(case)
