@@ -63,6 +63,8 @@ _EXPORTS: dict[str, str] = {
     "save_pretrained": ".hub",
     "export_official_rein": ".official",
     "import_official_rein": ".official",
+    "HostLoadResult": ".host_weights",
+    "load_host_state_dict": ".host_weights",
 }
 
 __all__ = ["__version__", *_EXPORTS]
@@ -104,3 +106,4 @@ if TYPE_CHECKING:  # static type checkers and IDEs see the eager imports
     from .report import format_count, parameter_report, trainable_parameters
     from .hub import from_pretrained, push_adapters_to_hub, resolve_adapter_source, save_pretrained
     from .official import export_official_rein, import_official_rein
+    from .host_weights import HostLoadResult, load_host_state_dict

@@ -16,7 +16,10 @@ Injected state lives on the model itself:
 
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
+import types
+import typing
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar
 
@@ -51,13 +54,68 @@ class MethodConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "MethodConfig":
-        accepted = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - accepted)
+        """Builds the config from JSON values, checking each option's type first.
+
+        Example:
+            >>> from vfm_adapters.methods.rein import ReinConfig
+            >>> ReinConfig.from_dict({"link_queries": "no"})
+            Traceback (most recent call last):
+            ...
+            vfm_adapters.methods.base.AdapterError: ReinConfig.link_queries must be bool, got 'no'
+        """
+        if not isinstance(values, dict):
+            raise AdapterError(f"{cls.__name__} options must be a mapping of option names to values, got {type(values).__name__}")
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - set(fields))
         if unknown:
             raise AdapterError(
-                f"{cls.__name__} got unknown option(s) {unknown}; accepted: {sorted(accepted)}"
+                f"{cls.__name__} got unknown option(s) {unknown}; accepted: {sorted(fields)}"
             )
+        required = sorted(
+            name for name, f in fields.items()
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING and name not in values
+        )
+        if required:
+            raise AdapterError(f"{cls.__name__} needs option(s) {required}")
+        hints = typing.get_type_hints(cls)
+        for name, value in values.items():
+            if not _matches_type(value, hints.get(name, Any)):
+                raise AdapterError(f"{cls.__name__}.{name} must be {_type_name(hints[name])}, got {value!r}")
         return cls(**values)
+
+
+def _matches_type(value: Any, annotation: Any) -> bool:
+    """Whether a JSON value fits a config field's annotation (unknown annotations accept anything)."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if annotation is Any:
+        return True
+    if origin is typing.Union or origin is types.UnionType:
+        return any(_matches_type(value, arg) for arg in args)
+    if annotation is type(None):
+        return value is None
+    if annotation is bool:
+        return isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if annotation is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if annotation is str:
+        return isinstance(value, str)
+    if origin in (collections.abc.Sequence, list, tuple):
+        item = args[0] if args else Any
+        return isinstance(value, (list, tuple)) and all(_matches_type(v, item) for v in value)
+    return True
+
+
+def _type_name(annotation: Any) -> str:
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(annotation))
+    if annotation is type(None):
+        return "null"
+    if typing.get_origin(annotation) in (collections.abc.Sequence, list, tuple):
+        args = typing.get_args(annotation)
+        return f"a list of {_type_name(args[0]) if args else 'values'}"
+    return getattr(annotation, "__name__", str(annotation))
 
 
 @dataclass
@@ -98,6 +156,8 @@ class AdapterMethod:
     # False for methods that attach to any module, not only a ViT (Domino replaces the
     # norms of a decode head): inject() then skips describe_host and passes host=None.
     needs_host: ClassVar[bool] = True
+    # Methods this one builds on: they cannot be removed while this one is injected.
+    requires: ClassVar[tuple[str, ...]] = ()
 
     def check(self, model: nn.Module, host: HostSpec, config: MethodConfig) -> None:
         """Raises if the method cannot attach to this host; must not change anything."""
@@ -111,6 +171,13 @@ class AdapterMethod:
     def state_dict(self, model: nn.Module, attachment: Attachment) -> dict[str, torch.Tensor]:
         """The tensors a checkpoint holds for this method, keyed without the method prefix."""
         return dict(attachment.module.state_dict()) if attachment.module is not None else {}
+
+    def check_state_dict(self, model: nn.Module, attachment: Attachment, tensors: dict[str, torch.Tensor]) -> None:
+        """Raises if ``tensors`` cannot be loaded now; must not change anything.
+
+        :func:`vfm_adapters.load_adapters` calls it for every method before it copies
+        anything, so a refusal never leaves some methods loaded and others not.
+        """
 
     def load_state_dict(self, model: nn.Module, attachment: Attachment, tensors: dict[str, torch.Tensor]) -> None:
         attachment.module.load_state_dict(tensors, strict=True)
@@ -270,6 +337,13 @@ def remove_adapters(model: nn.Module, method_name: str | None = None) -> nn.Modu
     for name in names:
         if name not in state.configs:
             raise AdapterError(f"{name!r} is not injected into this model; injected: {list(state.configs)}")
+    for other in state.configs:
+        needed = [name for name in get_method(other).requires if name in names]
+        if other not in names and needed:
+            raise AdapterError(
+                f"cannot remove {needed[0]!r}: {other!r} builds on it; remove {other!r} first "
+                f"(vfm_adapters.remove_adapters(model, {other!r})) or remove every method with remove_adapters(model)"
+            )
     for name in reversed(names):
         state.attachments.pop(name).revert()
         state.configs.pop(name)

@@ -249,6 +249,22 @@ def _find_norms(model: nn.Module, types: Sequence[str]) -> dict[int, list[str]]:
     return found
 
 
+class _SetChild:
+    """Undo step ``setattr(parent, child, module)``.
+
+    Undo steps and hooks are objects rather than closures: ``copy.deepcopy(model)`` (an
+    EMA teacher) copies functions by reference, so a closure would make the copy undo or
+    check the original model; a deep-copied object refers to the copy's modules. Objects
+    also pickle.
+    """
+
+    def __init__(self, parent: nn.Module, child: str, module: nn.Module) -> None:
+        self.parent, self.child, self.module = parent, child, module
+
+    def __call__(self) -> None:
+        setattr(self.parent, self.child, self.module)
+
+
 class DominoMethod(AdapterMethod):
     name = "domino"
     config_class = DominoConfig
@@ -276,7 +292,7 @@ class DominoMethod(AdapterMethod):
                 parent_name, _, child = path.rpartition(".")
                 parent = model.get_submodule(parent_name)
                 setattr(parent, child, domino)
-                attachment.undo.append(lambda p=parent, c=child, o=original: setattr(p, c, o))
+                attachment.undo.append(_SetChild(parent, child, original))
         attachment.extra["layers"] = layers
 
     def parameters(self, model: nn.Module, attachment: Attachment) -> list[nn.Parameter]:
@@ -431,9 +447,40 @@ def _first_tensor(args: tuple, kwargs: dict) -> Tensor | None:
     return None
 
 
+class _ClearTokenShift:
+    """Undo step: removes the token shift from a Rein (an object, see :class:`_SetChild`)."""
+
+    def __init__(self, rein: nn.Module) -> None:
+        self.rein = rein
+
+    def __call__(self) -> None:
+        self.rein.set_token_shift(None)
+
+
+class _BatchCheck:
+    """Forward pre-hook: the domain embedding's batch must match the features' batch.
+
+    Per-image tokens broadcast, so a mismatch (W of one image for a batch of two) would
+    otherwise pass silently. An object, so a deep copy checks its own embedding.
+    """
+
+    def __init__(self, shift: DomainReinShift) -> None:
+        self.shift = shift
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        embedding = self.shift.embedding()
+        hidden = _first_tensor(args, kwargs)
+        if hidden is not None and embedding.ndim == 2 and embedding.shape[0] != hidden.shape[0]:
+            raise AdapterError(
+                f"the domain embedding is for a batch of {embedding.shape[0]} images but the model runs "
+                f"{hidden.shape[0]}: call set_domain_embedding with this batch's embeddings"
+            )
+
+
 class DomainReinMethod(AdapterMethod):
     name = "domain_rein"
     config_class = DomainReinConfig
+    requires = ("rein",)
 
     def _rein(self, model: nn.Module):
         state = injection_state(model)
@@ -456,24 +503,14 @@ class DomainReinMethod(AdapterMethod):
         # A bound method, not the module: Rein must not adopt the shift as a child module
         # (its parameters belong to, and are saved with, this method).
         rein.set_token_shift(shift.__call__)
-        attachment.undo.append(lambda: rein.set_token_shift(None))
+        attachment.undo.append(_ClearTokenShift(rein))
 
         # Per-image tokens broadcast, so a batch mismatch (e.g. W of one image for a batch
         # of two) would silently pass: check the batch before the first refined block.
         blocks = rein_attachment.extra.get("blocks")
         if blocks and host is not None:
             first = host.blocks(model)[blocks[0]]
-
-            def check_batch(module: nn.Module, args: tuple, kwargs: dict) -> None:
-                embedding = shift.embedding()
-                hidden = _first_tensor(args, kwargs)
-                if hidden is not None and embedding.ndim == 2 and embedding.shape[0] != hidden.shape[0]:
-                    raise AdapterError(
-                        f"the domain embedding is for a batch of {embedding.shape[0]} images but the model runs "
-                        f"{hidden.shape[0]}: call set_domain_embedding with this batch's embeddings"
-                    )
-
-            attachment.handles.append(first.register_forward_pre_hook(check_batch, with_kwargs=True))
+            attachment.handles.append(first.register_forward_pre_hook(_BatchCheck(shift), with_kwargs=True))
 
 
 register_method(DomainReinMethod())

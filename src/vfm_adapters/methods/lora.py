@@ -251,9 +251,12 @@ class LoRAMethod(AdapterMethod):
             tensors[f"{item.key}.lora_B"] = item.layer.lora_B[ADAPTER_NAME].weight
         return tensors
 
-    def load_state_dict(self, model: nn.Module, attachment: Attachment, tensors: dict[str, torch.Tensor]) -> None:
+    def check_state_dict(self, model: nn.Module, attachment: Attachment, tensors: dict[str, torch.Tensor]) -> None:
         if any(item.layer.merged for item in attachment.extra["wrapped"]):
             raise AdapterError("LoRA is merged into the host weights; call vfm_adapters.unmerge_lora(model) before loading")
+
+    def load_state_dict(self, model: nn.Module, attachment: Attachment, tensors: dict[str, torch.Tensor]) -> None:
+        self.check_state_dict(model, attachment, tensors)
         expected = self.state_dict(model, attachment)
         if set(expected) != set(tensors):
             raise AdapterError(f"LoRA weights do not match: expected keys {sorted(expected)[:4]}..., got {sorted(tensors)[:4]}...")
