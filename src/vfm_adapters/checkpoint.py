@@ -132,11 +132,11 @@ def _check_host(saved: dict[str, Any] | None, model: nn.Module) -> None:
     if not saved:  # saved by host-less methods only (Domino on a decode head): nothing to check
         return
     host = describe_host(model).to_json()
-    for key in ("embed_dim", "depth"):
-        if key in saved and saved[key] != host[key]:
+    for key in ("embed_dim", "depth", "stages"):
+        if key in saved and saved[key] != host.get(key):
             raise AdapterError(
                 f"these adapters were saved for a host with {key}={saved[key]} ({saved.get('family')}); "
-                f"this model has {key}={host[key]} ({host['family']})"
+                f"this model has {key}={host.get(key)} ({host['family']})"
             )
 
 

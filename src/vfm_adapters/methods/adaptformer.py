@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -176,6 +176,7 @@ def inject_adaptformer(
     bottleneck: int = 64,
     scale: float = 0.1,
     freeze_host: bool = True,
+    trainable: Sequence[str] | str | None = None,
 ) -> nn.Module:
     """Adds an AdaptFormer bottleneck beside every block's MLP, in place, and freezes the host.
 
@@ -189,6 +190,8 @@ def inject_adaptformer(
         bottleneck: Bottleneck width ``d``.
         scale: Fixed factor on the adapter output.
         freeze_host: Freeze every parameter that is not an adapter's.
+        trainable: Module-name prefixes that stay trainable when the host is frozen
+            (e.g. ``["head"]``; see :func:`vfm_adapters.methods.base.inject`).
 
     Returns:
         ``model``, now carrying AdaptFormer.
@@ -213,4 +216,4 @@ def inject_adaptformer(
         3171840
     """
     config = AdaptFormerConfig(bottleneck=bottleneck, scale=scale)
-    return inject(model, "adaptformer", config, freeze_host=freeze_host)
+    return inject(model, "adaptformer", config, freeze_host=freeze_host, trainable=trainable)

@@ -354,6 +354,7 @@ def inject_lora(
     dropout: float = 0.0,
     targets: Sequence[str] = ROLES,
     freeze_host: bool = True,
+    trainable: Sequence[str] | str | None = None,
 ) -> nn.Module:
     """Adds LoRA to the query, key and value projections of every block, in place.
 
@@ -371,6 +372,8 @@ def inject_lora(
         targets: Which projections to adapt, a subset of ``("q", "k", "v")`` (all three on
             fused-qkv hosts).
         freeze_host: Freeze every parameter that is not an adapter's.
+        trainable: Module-name prefixes that stay trainable when the host is frozen
+            (e.g. ``["head"]``; see :func:`vfm_adapters.methods.base.inject`).
 
     Returns:
         ``model``, now carrying LoRA.
@@ -391,7 +394,7 @@ def inject_lora(
         786432
     """
     config = LoRAConfig(rank=rank, alpha=alpha, dropout=dropout, targets=targets)
-    return inject(model, "lora", config, freeze_host=freeze_host)
+    return inject(model, "lora", config, freeze_host=freeze_host, trainable=trainable)
 
 
 def _lora_attachment(model: nn.Module) -> Attachment:

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -256,6 +256,7 @@ def inject_vpt(
     deep: bool = True,
     patch_size: int | None = None,
     freeze_host: bool = True,
+    trainable: Sequence[str] | str | None = None,
 ) -> nn.Module:
     """Adds VPT prompt tokens to a ViT, in place, and freezes the host.
 
@@ -270,6 +271,8 @@ def inject_vpt(
         deep: Prompts before every block (True), or one set before the first block (False).
         patch_size: Patch size for the init bound; default the host's.
         freeze_host: Freeze every parameter that is not an adapter's.
+        trainable: Module-name prefixes that stay trainable when the host is frozen
+            (e.g. ``["head"]``; see :func:`vfm_adapters.methods.base.inject`).
 
     Returns:
         ``model``, now carrying VPT.
@@ -291,4 +294,4 @@ def inject_vpt(
         3686400
     """
     config = VPTConfig(num_tokens=num_tokens, deep=deep, patch_size=patch_size)
-    return inject(model, "vpt", config, freeze_host=freeze_host)
+    return inject(model, "vpt", config, freeze_host=freeze_host, trainable=trainable)
