@@ -82,7 +82,7 @@ class Bottleneck(nn.Module):
 
 
 class AdaptFormer(nn.Module):
-    """One :class:`Bottleneck` per block.
+    """One :class:`Bottleneck` per block; ``embed_dim`` is one width or one per block (stage-wise hosts).
 
     Example:
         >>> adapters = AdaptFormer(24, 1024, AdaptFormerConfig(), device="meta")
@@ -91,13 +91,16 @@ class AdaptFormer(nn.Module):
     """
 
     def __init__(
-        self, num_layers: int, embed_dim: int, config: AdaptFormerConfig,
+        self, num_layers: int, embed_dim: int | Sequence[int], config: AdaptFormerConfig,
         device: torch.device | str | None = None, dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         self.config = config
+        widths = [embed_dim] * num_layers if isinstance(embed_dim, int) else list(embed_dim)
+        if len(widths) != num_layers:
+            raise ValueError(f"AdaptFormer got {len(widths)} widths for {num_layers} layers")
         self.adapters = nn.ModuleList(
-            Bottleneck(embed_dim, config.bottleneck, config.scale, device=device, dtype=dtype) for _ in range(num_layers)
+            Bottleneck(width, config.bottleneck, config.scale, device=device, dtype=dtype) for width in widths
         )
 
     def forward(self, x: Tensor, layer: int) -> Tensor:
@@ -148,13 +151,13 @@ class AdaptFormerMethod(AdapterMethod):
             if getattr(host.parts, part) is None:
                 raise UnsupportedModelError(
                     f"AdaptFormer attaches beside each block's MLP, but host family {host.family!r} exposes no "
-                    f"{part!r} part"
+                    f"{part!r} part" + (" (its blocks are convolutions with no token MLP; use Rein)" if host.layout == "NCHW" else "")
                 )
 
     def attach(self, model: nn.Module, host: HostSpec, config: AdaptFormerConfig, attachment: Attachment) -> None:
         reference = next(model.parameters())
         adapters = AdaptFormer(
-            host.depth, host.embed_dim, config, device=reference.device,
+            host.depth, host.block_widths(), config, device=reference.device,
             dtype=reference.dtype if reference.is_floating_point() else None,
         )
         attachment.module = adapters

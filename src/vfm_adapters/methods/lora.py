@@ -171,6 +171,7 @@ def _projection_paths(host: HostSpec, config: LoRAConfig) -> list[tuple[str, str
         raise UnsupportedModelError(
             f"LoRA needs the query/key/value projections of each block, but host family {host.family!r} "
             f"exposes no {'/'.join(missing)} projection (nor a fused qkv)"
+            + (" (its blocks are convolutions without attention; use Rein)" if host.layout == "NCHW" else "")
         )
     return paths  # type: ignore[return-value]
 
@@ -283,7 +284,8 @@ class _Restore:
 
 
 def _probe_input(host: HostSpec, weight: torch.Tensor) -> torch.Tensor:
-    shape = (1, 2, 2, host.embed_dim) if host.layout == "BHWC" else (1, host.num_prefix_tokens + 4, host.embed_dim)
+    width = int(weight.shape[1])  # the projection's input width (stages of a hierarchical host differ)
+    shape = (1, 2, 2, width) if host.layout == "BHWC" else (1, host.num_prefix_tokens + 4, width)
     return torch.zeros(shape, device=weight.device, dtype=weight.dtype)
 
 

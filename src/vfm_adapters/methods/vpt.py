@@ -207,6 +207,13 @@ class VPTMethod(AdapterMethod):
     config_class = VPTConfig
 
     def check(self, model: nn.Module, host: HostSpec, config: VPTConfig) -> None:
+        if host.hierarchical:
+            raise UnsupportedModelError(
+                f"VPT inserts prompt tokens into one token sequence of fixed width, but host family {host.family!r} is "
+                f"hierarchical: its stages change width ({', '.join(str(s.width) for s in host.stages or ())}) and run "
+                f"on {'(B, C, H, W)' if host.layout == 'NCHW' else '(B, H, W, C)'} maps, which have no sequence to "
+                "extend. Use Rein on this host (or LoRA/AdaptFormer where its blocks have attention/an MLP)."
+            )
         if host.layout != "BNC":
             raise UnsupportedModelError(
                 f"VPT inserts prompt tokens into a token sequence (B, N, C), but host family {host.family!r} runs its "
