@@ -264,3 +264,46 @@ def test_lora_on_swin_adapts_every_stage() -> None:
     assert len(qkv) == spec.depth == 5
     assert va.trainable_parameters(model) == sum(2 * (q.in_features + q.out_features) for q in qkv)
     assert {q.in_features for q in qkv} == {16, 32, 64, 128}
+
+
+# --------------------------------------------------------------------------- segmentation features
+
+
+@pytest.mark.parametrize("family", STAGE_FAMILY_IDS)
+def test_stage_features_for_the_segmentation_stack(family: str) -> None:
+    from vfm_adapters.seg.features import BackboneFeatures
+    from vfm_adapters.seg.heads import Segmentor
+
+    model, size = make_model(family)
+    va.inject_rein(model, token_length=4, rank=2)
+    features = BackboneFeatures(model)
+    spec = describe_host(model)
+    assert features.strides == [4, 8, 16, 32] and features.channels == [s.width for s in spec.stages]
+    images = sample_images(size)
+    maps = features(images)
+    assert [tuple(m.shape) for m in maps] == [(2, c, size // s, size // s) for c, s in zip(features.channels, features.strides)]
+    # the maps carry Rein's effect: the last stage's map is the model's own final block output
+    final = token_output(model, images)
+    last = final if spec.layout == "NCHW" else final.permute(0, 3, 1, 2)
+    if family != "timm_swin":  # Swin's forward_features ends with a norm after the last block
+        torch.testing.assert_close(maps[-1], last)
+    segmentor = Segmentor(model, num_classes=3, scales=(1, 1, 1, 1), head_channels=8)
+    assert segmentor(images).shape == (2, 3, size, size)
+
+
+def test_training_keeps_a_frozen_hosts_batch_norm_statistics() -> None:
+    from vfm_adapters.seg.heads import Segmentor
+    from vfm_adapters.seg.training import train_mode
+
+    model, size = make_model("timm_resnet")
+    va.inject_rein(model, token_length=4, rank=2)
+    segmentor = Segmentor(model, num_classes=3, scales=(1, 1, 1, 1), head_channels=8)
+    stats = {k: v.clone() for k, v in model.state_dict().items() if "running_" in k}
+    train_mode(segmentor)
+    assert segmentor.training and model.vfm_adapters.training
+    segmentor(sample_images(size)).square().mean().backward()
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in stats.items())
+    assert all(not m.training for m in model.modules() if isinstance(m, nn.BatchNorm2d))
+    model.requires_grad_(True)  # full fine-tuning: batch norms train
+    train_mode(segmentor)
+    assert all(m.training for m in model.modules() if isinstance(m, nn.BatchNorm2d))
