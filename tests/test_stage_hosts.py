@@ -307,3 +307,18 @@ def test_training_keeps_a_frozen_hosts_batch_norm_statistics() -> None:
     model.requires_grad_(True)  # full fine-tuning: batch norms train
     train_mode(segmentor)
     assert all(m.training for m in model.modules() if isinstance(m, nn.BatchNorm2d))
+
+
+def test_params_command_rows_for_the_table6_backbones() -> None:
+    from vfm_adapters.commands.params import count_rows, format_table
+
+    rows = count_rows(["ResNet-50", "ResNet-101", "ConvNeXt-L"], ["Rein", "LoRA", "VPT"])
+    rein = {row["backbone"]: row["trainable"] for row in rows if row["method"] == "Rein"}
+    stages = {"ResNet-50": [(3, 256), (4, 512), (6, 1024), (3, 2048)],
+              "ResNet-101": [(3, 256), (4, 512), (23, 1024), (3, 2048)],
+              "ConvNeXt-L": [(3, 192), (3, 384), (27, 768), (3, 1536)]}
+    assert rein == {name: stage_rein_parameter_count(s) for name, s in stages.items()}
+    assert rein == {"ResNet-50": 13_187_588, "ResNet-101": 13_493_316, "ConvNeXt-L": 8_289_156}
+    refused = [row for row in rows if row["method"] in ("LoRA", "VPT")]
+    assert all(row["trainable"] is None and row["note"].startswith("not applicable") for row in refused)
+    assert "13,187,588" in format_table(rows)
