@@ -84,6 +84,8 @@ STAGE_FACTORIES: dict[str, Callable[[], tuple[nn.Module, int]]] = {
     "timm_hiera": lambda: (_randomise(timm.create_model(
         "sam2_hiera_tiny", embed_dim=16, num_heads=1, stages=(1, 2, 2, 1), window_spec=(2, 2, 2, 2),
         global_att_blocks=(4,), global_pos_size=(2, 2), num_classes=0)), 64),
+    "hf_convnext": lambda: (_hf("ConvNextModel", transformers.ConvNextConfig(
+        hidden_sizes=[8, 16, 32, 64], depths=[1, 1, 2, 1], image_size=64)), 64),
 }
 STAGE_FAMILY_IDS = sorted(STAGE_FACTORIES)
 

@@ -26,6 +26,7 @@ FAMILIES = {
     "timm_convnext": ("timm.ConvNeXt", "NCHW"),
     "timm_swin": ("timm.SwinTransformer", "BHWC"),
     "timm_hiera": ("timm.HieraDet", "BHWC"),
+    "hf_convnext": ("transformers.ConvNextModel", "NCHW"),
 }
 # Which baselines apply where; the rest must be refused with a message naming why.
 APPLICABLE = {
@@ -33,6 +34,7 @@ APPLICABLE = {
     "timm_convnext": {"adaptformer"},
     "timm_swin": {"lora", "adaptformer"},
     "timm_hiera": {"lora", "adaptformer"},
+    "hf_convnext": set(),
 }
 REFUSAL = {
     "lora": "no q/k/v projection .*convolutions without attention",
