@@ -324,3 +324,18 @@ def test_params_command_rows_for_the_table6_backbones() -> None:
     refused = [row for row in rows if row["method"] in ("LoRA", "VPT")]
     assert all(row["trainable"] is None and row["note"].startswith("not applicable") for row in refused)
     assert "13,187,588" in format_table(rows)
+
+
+def test_a_deep_copy_carries_its_own_stage_rein() -> None:
+    import copy
+
+    model, size = make_model("timm_swin")
+    va.inject_rein(model, token_length=4, rank=2)
+    images = sample_images(size)
+    with torch.no_grad():
+        before = token_output(model, images)
+        twin = copy.deepcopy(model)
+        for stage in twin.vfm_adapters.rein.stages:
+            stage.scale.fill_(2.0)
+        assert torch.equal(token_output(model, images), before)
+        assert not torch.allclose(token_output(twin, images), before)
