@@ -339,3 +339,11 @@ def test_a_deep_copy_carries_its_own_stage_rein() -> None:
             stage.scale.fill_(2.0)
         assert torch.equal(token_output(model, images), before)
         assert not torch.allclose(token_output(twin, images), before)
+
+
+def test_vit_neck_scales_on_stage_maps_are_refused() -> None:
+    from vfm_adapters.seg.heads import Segmentor
+
+    model, _ = make_model("timm_convnext")
+    with pytest.raises(ValueError, match=r"strides \[4, 8, 16, 32\] already.*Use scales \[1, 1, 1, 1\]"):
+        Segmentor(model, num_classes=3, head_channels=8)  # the ViT default (4, 2, 1, 0.5)

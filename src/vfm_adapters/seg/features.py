@@ -188,6 +188,33 @@ class BackboneFeatures(nn.Module):
         return [captured[index] for index in self.layers]
 
 
+def check_stage_scales(features: BackboneFeatures, scales: Sequence[float]) -> None:
+    """Refuses neck scales that would move a hierarchical host's maps off strides 4/8/16/32.
+
+    Stage maps already have those strides; the ViT default ``(4, 2, 1, 0.5)`` would turn
+    them into 1/4/16/64. Plain ViT hosts are not checked.
+
+    Example:
+        >>> import timm
+        >>> with torch.device("meta"):
+        ...     features = BackboneFeatures(timm.create_model("resnet50"))
+        >>> check_stage_scales(features, (1, 1, 1, 1))
+        >>> check_stage_scales(features, (4, 2, 1, 0.5))
+        Traceback (most recent call last):
+        ...
+        ValueError: the stage maps of host family 'timm.ResNet' have strides [4, 8, 16, 32] already; neck scales [4.0, 2.0, 1.0, 0.5] would make them [1.0, 4.0, 16.0, 64.0]. Use scales [1, 1, 1, 1]
+    """
+    if not features.host.hierarchical:
+        return
+    strides = features.strides
+    resulting = [stride / float(scale) for stride, scale in zip(strides, scales)]
+    if strides == [4, 8, 16, 32] and resulting != [4.0, 8.0, 16.0, 32.0]:
+        raise ValueError(
+            f"the stage maps of host family {features.host.family!r} have strides {strides} already; neck scales "
+            f"{[float(s) for s in scales]} would make them {resulting}. Use scales [1, 1, 1, 1]"
+        )
+
+
 def _norm(channels: int) -> nn.GroupNorm:
     return nn.GroupNorm(math.gcd(32, channels), channels)
 

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .datasets import IGNORE_INDEX
-from .features import BackboneFeatures, MultiScaleNeck
+from .features import BackboneFeatures, MultiScaleNeck, check_stage_scales
 
 
 def _norm(channels: int) -> nn.GroupNorm:
@@ -145,6 +145,7 @@ class Segmentor(nn.Module):
         self.features = BackboneFeatures(backbone, layers)
         if len(scales) != len(self.features.layers):
             raise ValueError(f"{len(self.features.layers)} feature layers need {len(self.features.layers)} neck scales, got {list(scales)}")
+        check_stage_scales(self.features, scales)
         channels = self.features.channels  # one width per map (stages of a hierarchical host differ)
         self.neck = MultiScaleNeck(channels, scales)
         self.head = HEADS[head](channels, num_classes, head_channels, dropout)

@@ -46,7 +46,7 @@ from transformers.models.mask2former.modeling_mask2former import (
 )
 
 from .datasets import IGNORE_INDEX
-from .features import BackboneFeatures, MultiScaleNeck
+from .features import BackboneFeatures, MultiScaleNeck, check_stage_scales
 
 __all__ = [
     "Mask2FormerHead",
@@ -505,6 +505,7 @@ class Mask2FormerSegmentor(nn.Module):
         if len(scales) != 4 or len(self.features.layers) != 4:
             raise ValueError(f"the Mask2Former head needs 4 feature layers and 4 neck scales, got layers "
                              f"{self.features.layers} and scales {list(scales)}")
+        check_stage_scales(self.features, scales)
         channels = self.features.channels  # one width per map (stages of a hierarchical host differ)
         self.neck = MultiScaleNeck(channels, scales)
         rein = _linked_rein(backbone)
