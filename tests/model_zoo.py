@@ -65,9 +65,34 @@ MODEL_FACTORIES: dict[str, Callable[[], tuple[nn.Module, int]]] = {
 FAMILY_IDS = sorted(MODEL_FACTORIES)
 
 
+def _tiny_resnet() -> nn.Module:
+    # Bottleneck blocks and the deep 3x3 stem of resnet50c (mmseg's ResNetV1c), tiny widths.
+    from timm.models.resnet import Bottleneck, ResNet
+
+    return ResNet(block=Bottleneck, layers=(1, 2, 1, 1), channels=(8, 16, 32, 64), stem_width=8,
+                  stem_type="deep", num_classes=0)
+
+
+#: Hierarchical (stage-wise) hosts: widths change between stages, strides 4/8/16/32.
+STAGE_FACTORIES: dict[str, Callable[[], tuple[nn.Module, int]]] = {
+    "timm_resnet": lambda: (_randomise(_tiny_resnet()), 64),
+    "timm_convnext": lambda: (_randomise(timm.create_model(
+        "convnext_large_mlp", depths=(1, 1, 2, 1), dims=(8, 16, 32, 64), num_classes=0)), 64),
+    "timm_swin": lambda: (_randomise(timm.create_model(
+        "swin_tiny_patch4_window7_224", embed_dim=16, depths=(1, 1, 2, 1), num_heads=(1, 1, 1, 1), window_size=2,
+        img_size=64, num_classes=0)), 64),
+    "timm_hiera": lambda: (_randomise(timm.create_model(
+        "sam2_hiera_tiny", embed_dim=16, num_heads=1, stages=(1, 2, 2, 1), window_spec=(2, 2, 2, 2),
+        global_att_blocks=(4,), global_pos_size=(2, 2), num_classes=0)), 64),
+    "hf_convnext": lambda: (_hf("ConvNextModel", transformers.ConvNextConfig(
+        hidden_sizes=[8, 16, 32, 64], depths=[1, 1, 2, 1], image_size=64)), 64),
+}
+STAGE_FAMILY_IDS = sorted(STAGE_FACTORIES)
+
+
 def make_model(family_id: str) -> tuple[nn.Module, int]:
     torch.manual_seed(0)
-    return MODEL_FACTORIES[family_id]()
+    return {**MODEL_FACTORIES, **STAGE_FACTORIES}[family_id]()
 
 
 def token_output(model: nn.Module, images: torch.Tensor) -> torch.Tensor:

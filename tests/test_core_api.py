@@ -50,10 +50,13 @@ def test_a_module_that_is_not_a_vit_is_refused_and_untouched(module):
     assert_unchanged(module, before)
 
 
-def test_timm_resnet_is_refused():
-    model = timm.create_model("resnet18", pretrained=False, num_classes=3)
-    with pytest.raises(va.UnsupportedModelError, match="not a supported ViT"):
+def test_an_unsupported_cnn_is_refused_and_resnet_is_stage_wise():
+    model = timm.create_model("mobilenetv3_small_050", pretrained=False, num_classes=3)
+    with pytest.raises(va.UnsupportedModelError, match="not a supported ViT.*timm.ResNet"):
         va.inject_rein(model)
+    assert not hasattr(model, "vfm_adapters")
+    resnet = timm.create_model("resnet18", pretrained=False, num_classes=3)
+    assert va.describe_host(resnet).hierarchical  # ResNet: one Rein per stage (docs/hierarchical.md)
 
 
 @pytest.mark.parametrize(

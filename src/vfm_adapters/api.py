@@ -23,6 +23,7 @@ def inject_rein(
     patch_size: int | None = None,
     kernel: str = "auto",
     freeze_host: bool = True,
+    trainable: Sequence[str] | str | None = None,
 ) -> nn.Module:
     """Adds Rein after the blocks of a ViT, in place, and freezes the host.
 
@@ -45,6 +46,8 @@ def inject_rein(
         patch_size: Patch size for the init bound; default the host's.
         kernel: ``"auto"``, ``"torch"`` or ``"triton"``.
         freeze_host: Freeze every parameter that is not an adapter's.
+        trainable: Module-name prefixes that stay trainable when the host is frozen
+            (e.g. ``["head"]``; see :func:`vfm_adapters.methods.base.inject`).
 
     Returns:
         ``model``, now carrying Rein.
@@ -73,4 +76,4 @@ def inject_rein(
         patch_size=patch_size,
         kernel=kernel,
     )
-    return inject(model, "rein", config, freeze_host=freeze_host)
+    return inject(model, "rein", config, freeze_host=freeze_host, trainable=trainable)

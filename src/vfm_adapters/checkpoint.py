@@ -346,11 +346,11 @@ def _check_host(saved: dict[str, Any] | None, model: nn.Module) -> None:
             f"these adapters were saved for a {saved['family']} host; this model is a {host['family']}. "
             "Adapters are tied to the host family they were trained on (its token layout and prefix tokens)"
         )
-    for key in ("embed_dim", "depth"):
-        if key in saved and saved[key] != host[key]:
+    for key in ("embed_dim", "depth", "stages"):
+        if key in saved and saved[key] != host.get(key):
             raise AdapterError(
                 f"these adapters were saved for a host with {key}={saved[key]} ({saved.get('family')}); "
-                f"this model has {key}={host[key]} ({host['family']})"
+                f"this model has {key}={host.get(key)} ({host['family']})"
             )
 
 

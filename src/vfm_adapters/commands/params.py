@@ -12,13 +12,25 @@ import argparse
 import json
 
 NAME = "params"
-HELP = "print the trainable-parameter table of every method on DINOv2-L, EVA02-L, CLIP-L and SAM-H"
+HELP = "print the trainable-parameter table of every method on DINOv2-L, EVA02-L, CLIP-L, SAM-H, ResNet-50/101 and ConvNeXt-L"
 
 BACKBONES = {
     "DINOv2-L": "vit_large_patch14_dinov2",
     "EVA02-L": "eva02_large_patch14_224",
     "CLIP-L": "vit_large_patch14_clip_224",
     "SAM-H": "samvit_huge_patch16",
+    # The Rein paper's Table 6 CNNs (hierarchical hosts: one Rein per stage). The deep-stem
+    # resnet50c/101c are the closest timm models to mmseg's ResNetV1c.
+    "ResNet-50": "resnet50c",
+    "ResNet-101": "resnet101c",
+    "ConvNeXt-L": "convnext_large",
+}
+# CNNs have no position embedding or patch size: building them at 512 px changes nothing.
+HIERARCHICAL = {"ResNet-50", "ResNet-101", "ConvNeXt-L"}
+HIERARCHICAL_REASONS = {
+    "LoRA": "convolutional blocks have no q/k/v projections",
+    "AdaptFormer": "the blocks have no token MLP",
+    "VPT": "hierarchical stages have no single token sequence",
 }
 METHODS = ["Full", "Full@512", "Freeze", "LoRA", "AdaptFormer", "VPT", "Rein"]
 # "Full" counts the backbone as timm builds it by default (DINOv2-L at 518 px, EVA02-L and
@@ -92,6 +104,9 @@ def count_rows(backbones: list[str] | None = None, methods: list[str] | None = N
             note = ""
             if method == "Full":
                 count = sum(p.numel() for p in model.parameters())
+            elif method == "Full@512" and backbone in HIERARCHICAL:
+                count = sum(p.numel() for p in model.parameters())
+                note = "a CNN's count does not depend on the input size"
             elif method == "Full@512":
                 with torch.device("meta"):
                     at_512 = timm.create_model(name, pretrained=False, num_classes=0, **PAPER_SETTING)
@@ -108,11 +123,17 @@ def count_rows(backbones: list[str] | None = None, methods: list[str] | None = N
                     injectors[method](model)
                 except UnsupportedModelError as error:
                     count = None
-                    layout = va.describe_host(model).layout
-                    note = f"not applicable: {layout} host has no token sequence" if layout != "BNC" else str(error)[:120]
+                    host = va.describe_host(model)
+                    if host.hierarchical:
+                        note = "not applicable: " + HIERARCHICAL_REASONS.get(method, str(error)[:100])
+                    else:
+                        layout = host.layout
+                        note = f"not applicable: {layout} host has no token sequence" if layout != "BNC" else str(error)[:120]
                 else:
                     count = va.trainable_parameters(model)
                     va.remove_adapters(model)
+                    if method == "Rein" and backbone in HIERARCHICAL:
+                        note = "one Rein per stage; Table 6 prints no count"
             paper = PAPER.get((backbone, "Full" if method == "Full@512" else method))
             formatted = va.format_count(count) if count is not None else "n/a"
             rows.append(
@@ -132,11 +153,11 @@ def count_rows(backbones: list[str] | None = None, methods: list[str] | None = N
 
 def format_table(rows: list[dict]) -> str:
     """The rows as a text table."""
-    lines = [f"{'backbone':<9} {'method':<12} {'trainable':>13} {'computed':>9} {'paper':>9}  match"]
+    lines = [f"{'backbone':<10} {'method':<12} {'trainable':>13} {'computed':>9} {'paper':>9}  match"]
     for row in rows:
         exact = f"{row['trainable']:,}" if row["trainable"] is not None else "-"
         match = {True: "yes", False: "DIFFERS", None: "-"}[row["matches_paper"]]
-        line = f"{row['backbone']:<9} {row['method']:<12} {exact:>13} {row['formatted']:>9} {row['paper'] or '-':>9}  {match}"
+        line = f"{row['backbone']:<10} {row['method']:<12} {exact:>13} {row['formatted']:>9} {row['paper'] or '-':>9}  {match}"
         if row["note"]:
             line += f"  ({row['note']})"
         lines.append(line)

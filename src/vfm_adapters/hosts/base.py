@@ -14,11 +14,30 @@ from typing import Callable, Literal
 import torch
 from torch import nn
 
-TokenLayout = Literal["BNC", "BHWC"]
+TokenLayout = Literal["BNC", "BHWC", "NCHW"]
 
 
 class UnsupportedModelError(TypeError):
-    """Raised when a module is not a ViT this library can attach to."""
+    """Raised when a module is not a model this library can attach to."""
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """One stage of a hierarchical backbone: consecutive blocks of one width and stride.
+
+    Attributes:
+        block_names: Qualified names of the stage's blocks, in order.
+        width: Channels of every block output in the stage.
+        stride: Input pixels per feature-map cell at this stage (4, 8, 16, 32).
+    """
+
+    block_names: tuple[str, ...]
+    width: int
+    stride: int
+
+    @property
+    def depth(self) -> int:
+        return len(self.block_names)
 
 
 @dataclass(frozen=True)
@@ -53,10 +72,15 @@ class HostSpec:
         embed_dim: Token width ``c``.
         num_prefix_tokens: Tokens before the patch tokens (CLS, registers, distillation).
         patch_size: Patch size in pixels (Rein's init uses it).
-        layout: ``"BNC"`` for a token sequence, ``"BHWC"`` for spatial blocks (SAM).
+        layout: ``"BNC"`` for a token sequence, ``"BHWC"`` for spatial blocks (SAM,
+            Swin, SAM 2's Hiera), ``"NCHW"`` for convolutional blocks (ResNet, ConvNeXt).
         parts: Names of the parts of a block other methods need.
         global_blocks: Indices of global-attention blocks for windowed hosts (SAM).
         discovered: True when the description was inferred, not registered.
+        stages: For a hierarchical (multi-stage) backbone, its stages in order; then
+            ``block_names`` is every stage's blocks concatenated, ``embed_dim`` the last
+            stage's width and ``patch_size`` the first stage's stride. ``None`` for a
+            plain ViT whose blocks all share one width.
     """
 
     family: str
@@ -68,10 +92,22 @@ class HostSpec:
     parts: BlockParts = field(default_factory=BlockParts)
     global_blocks: tuple[int, ...] | None = None
     discovered: bool = False
+    stages: tuple[StageSpec, ...] | None = None
 
     @property
     def depth(self) -> int:
         return len(self.block_names)
+
+    @property
+    def hierarchical(self) -> bool:
+        """True for a multi-stage backbone (widths change between stages)."""
+        return self.stages is not None
+
+    def block_widths(self) -> list[int]:
+        """The output width of every block, in ``block_names`` order."""
+        if self.stages is None:
+            return [self.embed_dim] * self.depth
+        return [stage.width for stage in self.stages for _ in stage.block_names]
 
     def blocks(self, model: nn.Module) -> list[nn.Module]:
         return [model.get_submodule(name) for name in self.block_names]
@@ -94,6 +130,7 @@ class HostSpec:
             "num_prefix_tokens": self.num_prefix_tokens,
             "patch_size": self.patch_size,
             "layout": self.layout,
+            **({"stages": [[s.depth, s.width, s.stride] for s in self.stages]} if self.stages else {}),
         }
 
 
@@ -105,6 +142,34 @@ class HostFamily:
     matches: Callable[[nn.Module], bool]
     describe: Callable[[nn.Module], HostSpec]
     example: str = ""
+
+
+def stage_spec(
+    family: str,
+    stages: list[tuple[list[str], int, int]],
+    layout: TokenLayout,
+    parts: BlockParts | None = None,
+) -> HostSpec:
+    """Builds the :class:`HostSpec` of a hierarchical backbone from ``(block names, width, stride)`` per stage.
+
+    Example:
+        >>> spec = stage_spec("toy", [(["a.0", "a.1"], 8, 4), (["b.0"], 16, 8)], "NCHW")
+        >>> spec.depth, spec.embed_dim, spec.patch_size, spec.block_widths()
+        (3, 16, 4, [8, 8, 16])
+    """
+    described = tuple(StageSpec(tuple(names), int(width), int(stride)) for names, width, stride in stages)
+    if not described or any(stage.depth == 0 for stage in described):
+        raise UnsupportedModelError(f"{family}: every stage needs at least one block")
+    return HostSpec(
+        family=family,
+        block_names=[name for stage in described for name in stage.block_names],
+        embed_dim=described[-1].width,
+        num_prefix_tokens=0,
+        patch_size=described[0].stride,
+        layout=layout,
+        parts=parts or BlockParts(),
+        stages=described,
+    )
 
 
 def patch_size_of(value: int | tuple[int, ...] | list[int]) -> int:

@@ -3,7 +3,9 @@
 A model qualifies when it holds a stack (``nn.ModuleList`` or ``nn.Sequential``) of at
 least two blocks of one class, each with a ``LayerNorm`` and a ``Linear``, and a square
 patch embedding (a ``Conv2d`` whose stride equals its kernel). Anything else is refused
-with the list of supported families.
+with the list of supported families, and so is a hierarchical model: blocks that change
+width, or blocks of the stack's class outside it (the other stages of a Swin-like
+backbone), would be described wrongly as one plain ViT.
 """
 
 from __future__ import annotations
@@ -20,8 +22,8 @@ _PREFIX_ATTRIBUTES = ("cls_token", "reg_token", "register_tokens", "dist_token")
 
 
 def _is_transformer_block(block: nn.Module) -> bool:
-    kinds = {type(m) for m in block.modules()}
-    return nn.LayerNorm in kinds and nn.Linear in kinds
+    modules = list(block.modules())
+    return any(isinstance(m, nn.LayerNorm) for m in modules) and any(isinstance(m, nn.Linear) for m in modules)
 
 
 def _block_stack(model: nn.Module) -> nn.Module | None:
@@ -56,16 +58,50 @@ def _embed_dim(model: nn.Module, block: nn.Module) -> int:
     return int(norm.normalized_shape[0])
 
 
+def _prefix_tokens_of(module: nn.Module) -> int:
+    total = 0
+    for attribute in _PREFIX_ATTRIBUTES:
+        tensor = getattr(module, attribute, None)
+        if tensor is not None and hasattr(tensor, "shape") and tensor.ndim >= 2:
+            total += int(tensor.shape[-2])
+    return total
+
+
 def _num_prefix_tokens(model: nn.Module) -> int:
     value = getattr(model, "num_prefix_tokens", None)
     if isinstance(value, int):
         return value
-    total = 0
-    for attribute in _PREFIX_ATTRIBUTES:
-        tensor = getattr(model, attribute, None)
-        if tensor is not None and hasattr(tensor, "shape") and tensor.ndim >= 2:
-            total += int(tensor.shape[-2])
-    return total
+    # The tokens may live in a sub-module (transformers keeps them in ``embeddings``).
+    for module in model.modules():
+        count = _prefix_tokens_of(module)
+        if count:
+            return count
+    return 0
+
+
+def _block_width(block: nn.Module) -> int:
+    norms = [m for m in block.modules() if isinstance(m, nn.LayerNorm)]
+    return int(norms[-1].normalized_shape[-1])
+
+
+def _hierarchy_problem(model: nn.Module, stack: nn.Module) -> str | None:
+    """Why ``stack`` is not the whole of a plain ViT, or ``None`` if it is."""
+    widths = [_block_width(block) for block in stack]
+    if len(set(widths)) > 1:
+        return f"its blocks change width ({', '.join(map(str, widths))})"
+    block_class = type(stack[0])
+    inside = {id(m) for m in stack.modules()}
+    outside = [name for name, m in model.named_modules() if type(m) is block_class and id(m) not in inside]
+    if outside:
+        return (
+            f"{len(outside)} more {block_class.__name__} block(s) sit outside its longest block stack "
+            f"(e.g. {outside[0]!r}): it is a multi-stage (hierarchical) backbone"
+        )
+    nested = [name for name, m in stack.named_modules() if m is not stack and isinstance(m, (nn.ModuleList, nn.Sequential))
+              and len(m) > 1 and len({type(c) for c in m}) == 1 and _is_transformer_block(m[0])]
+    if nested:
+        return f"its block stack holds stacks of blocks ({nested[0]!r}): it is a multi-stage (hierarchical) backbone"
+    return None
 
 
 def _part(block: nn.Module, names: tuple[str, ...]) -> str | None:
@@ -97,6 +133,13 @@ def discover_vit(model: nn.Module, supported: list[str]) -> HostSpec:
         vfm_adapters.hosts.base.UnsupportedModelError: Linear is not a supported ViT: ...
     """
     stack = _block_stack(model)
+    if stack is not None:
+        problem = _hierarchy_problem(model, stack)
+        if problem is not None:
+            raise UnsupportedModelError(
+                f"{type(model).__name__} is not a supported ViT: {problem}. A plain ViT is described by one width; "
+                f"hierarchical backbones need a registered stage-wise family. Supported families: {', '.join(supported)}"
+            )
     patch = _patch_size(model)
     if stack is None or patch is None:
         missing = "a stack of identical transformer blocks" if stack is None else "a patch embedding (Conv2d)"

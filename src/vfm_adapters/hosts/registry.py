@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+import sys
+
 from torch import nn
 
 from .base import HostFamily, HostSpec, UnsupportedModelError
@@ -52,9 +55,67 @@ def describe_host(model: nn.Module) -> HostSpec:
             f"expected a torch.nn.Module, got {type(model).__name__}; supported: "
             + ", ".join(supported_families())
         )
+    _refuse_wrappers(model)
     for family in _FAMILIES:
         if family.matches(model):
             return family.describe(model)
+    inner = _task_model_body(model)
+    if inner is not None:
+        prefix, body = inner
+        for family in _FAMILIES:
+            if family.matches(body):
+                return _prefixed(family.describe(body), prefix)
     from .discovery import discover_vit
 
     return discover_vit(model, supported_families())
+
+
+def _task_model_body(model: nn.Module) -> tuple[str, nn.Module] | None:
+    """``(attribute, base model)`` of a transformers task model such as ``Dinov2ForImageClassification``."""
+    if "transformers" not in sys.modules:
+        return None
+    from transformers import PreTrainedModel
+
+    if not isinstance(model, PreTrainedModel):
+        return None
+    prefix = getattr(model, "base_model_prefix", "")
+    body = getattr(model, prefix, None) if prefix else None
+    if isinstance(body, nn.Module) and body is not model:
+        return prefix, body
+    return None
+
+
+def _prefixed(spec: HostSpec, prefix: str) -> HostSpec:
+    """The spec of a sub-model ``prefix``, with block names qualified from the outer model."""
+    rename = lambda names: [f"{prefix}.{name}" for name in names]  # noqa: E731
+    stages = None
+    if spec.stages is not None:
+        stages = tuple(dataclasses.replace(s, block_names=tuple(rename(s.block_names))) for s in spec.stages)
+    return dataclasses.replace(spec, block_names=rename(spec.block_names), stages=stages)
+
+
+def _refuse_wrappers(model: nn.Module) -> None:
+    """Wrappers around a backbone are refused with the object to pass instead."""
+    peft = sys.modules.get("peft")
+    if peft is not None and isinstance(model, getattr(peft, "PeftModel", ())):
+        raise UnsupportedModelError(
+            "got a peft PeftModel; vfm_adapters attaches to the backbone itself: pass "
+            "peft_model.get_base_model() (its PEFT layers stay trainable; see freeze_host/trainable), "
+            "or merge it first with peft_model.merge_and_unload()"
+        )
+    features = sys.modules.get("timm.models._features")
+    if features is not None:
+        getter = getattr(features, "FeatureGetterNet", None)
+        if getter is not None and isinstance(model, getter):
+            raise UnsupportedModelError(
+                "got a timm FeatureGetterNet (timm.create_model(..., features_only=True, feature_cls='getter')); "
+                "pass the network it wraps, net.model, and take features with "
+                "vfm_adapters.seg.features.BackboneFeatures"
+            )
+        wrappers = tuple(getattr(features, n) for n in ("FeatureListNet", "FeatureDictNet", "FeatureHookNet") if hasattr(features, n))
+        if wrappers and isinstance(model, wrappers):
+            raise UnsupportedModelError(
+                f"got a timm {type(model).__name__} (timm.create_model(..., features_only=True)), which re-parents the "
+                "network's layers; create the model without features_only and take features with "
+                "vfm_adapters.seg.features.BackboneFeatures"
+            )

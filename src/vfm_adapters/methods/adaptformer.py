@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -82,7 +82,7 @@ class Bottleneck(nn.Module):
 
 
 class AdaptFormer(nn.Module):
-    """One :class:`Bottleneck` per block.
+    """One :class:`Bottleneck` per block; ``embed_dim`` is one width or one per block (stage-wise hosts).
 
     Example:
         >>> adapters = AdaptFormer(24, 1024, AdaptFormerConfig(), device="meta")
@@ -91,13 +91,16 @@ class AdaptFormer(nn.Module):
     """
 
     def __init__(
-        self, num_layers: int, embed_dim: int, config: AdaptFormerConfig,
+        self, num_layers: int, embed_dim: int | Sequence[int], config: AdaptFormerConfig,
         device: torch.device | str | None = None, dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         self.config = config
+        widths = [embed_dim] * num_layers if isinstance(embed_dim, int) else list(embed_dim)
+        if len(widths) != num_layers:
+            raise ValueError(f"AdaptFormer got {len(widths)} widths for {num_layers} layers")
         self.adapters = nn.ModuleList(
-            Bottleneck(embed_dim, config.bottleneck, config.scale, device=device, dtype=dtype) for _ in range(num_layers)
+            Bottleneck(width, config.bottleneck, config.scale, device=device, dtype=dtype) for width in widths
         )
 
     def forward(self, x: Tensor, layer: int) -> Tensor:
@@ -148,13 +151,13 @@ class AdaptFormerMethod(AdapterMethod):
             if getattr(host.parts, part) is None:
                 raise UnsupportedModelError(
                     f"AdaptFormer attaches beside each block's MLP, but host family {host.family!r} exposes no "
-                    f"{part!r} part"
+                    f"{part!r} part" + (" (its blocks are convolutions with no token MLP; use Rein)" if host.layout == "NCHW" else "")
                 )
 
     def attach(self, model: nn.Module, host: HostSpec, config: AdaptFormerConfig, attachment: Attachment) -> None:
         reference = next(model.parameters())
         adapters = AdaptFormer(
-            host.depth, host.embed_dim, config, device=reference.device,
+            host.depth, host.block_widths(), config, device=reference.device,
             dtype=reference.dtype if reference.is_floating_point() else None,
         )
         attachment.module = adapters
@@ -176,6 +179,7 @@ def inject_adaptformer(
     bottleneck: int = 64,
     scale: float = 0.1,
     freeze_host: bool = True,
+    trainable: Sequence[str] | str | None = None,
 ) -> nn.Module:
     """Adds an AdaptFormer bottleneck beside every block's MLP, in place, and freezes the host.
 
@@ -189,6 +193,8 @@ def inject_adaptformer(
         bottleneck: Bottleneck width ``d``.
         scale: Fixed factor on the adapter output.
         freeze_host: Freeze every parameter that is not an adapter's.
+        trainable: Module-name prefixes that stay trainable when the host is frozen
+            (e.g. ``["head"]``; see :func:`vfm_adapters.methods.base.inject`).
 
     Returns:
         ``model``, now carrying AdaptFormer.
@@ -213,4 +219,4 @@ def inject_adaptformer(
         3171840
     """
     config = AdaptFormerConfig(bottleneck=bottleneck, scale=scale)
-    return inject(model, "adaptformer", config, freeze_host=freeze_host)
+    return inject(model, "adaptformer", config, freeze_host=freeze_host, trainable=trainable)

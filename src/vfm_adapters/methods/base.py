@@ -21,7 +21,8 @@ import dataclasses
 import types
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar
+import sys
+from typing import Any, Callable, ClassVar, Sequence
 
 import torch
 from torch import nn
@@ -146,6 +147,7 @@ class InjectionState:
     configs: dict[str, MethodConfig] = field(default_factory=dict)
     attachments: dict[str, Attachment] = field(default_factory=dict)
     original_requires_grad: dict[str, bool] = field(default_factory=dict)
+    keep_trainable: tuple[str, ...] = ()  # the user's ``trainable`` patterns, kept by every freeze
 
 
 class AdapterMethod:
@@ -238,21 +240,90 @@ def _adapter_container(model: nn.Module) -> nn.ModuleDict:
     return container
 
 
+def matches_trainable(name: str, patterns: Sequence[str]) -> bool:
+    """True if a parameter name has a dot-separated part that starts with one of ``patterns``.
+
+    The patterns are module (or parameter) name prefixes, as PEFT's ``modules_to_save``:
+    ``"head"`` keeps ``head.weight`` and ``head.fc.bias``, ``"lora_"`` keeps
+    ``blocks.0.attn.qkv.lora_A.default.weight``; a dotted pattern such as
+    ``"blocks.11"`` must match consecutive parts.
+
+    Example:
+        >>> matches_trainable("head.fc.weight", ["head"]), matches_trainable("blocks.1.norm1.weight", ["head"])
+        (True, False)
+        >>> matches_trainable("blocks.11.mlp.fc1.weight", ["blocks.11"]), matches_trainable("blocks.1.mlp.fc1.weight", ["blocks.11"])
+        (True, False)
+    """
+    parts = name.split(".")
+    for pattern in patterns:
+        wanted = pattern.split(".")
+        for start in range(len(parts) - len(wanted) + 1):
+            window = parts[start : start + len(wanted)]
+            if window[:-1] == wanted[:-1] and window[-1].startswith(wanted[-1]):
+                return True
+    return False
+
+
+def _foreign_adapter_parameters(model: nn.Module) -> set[int]:
+    """Parameters of adapters another library injected (PEFT tuner layers that are not ours)."""
+    tuners = sys.modules.get("peft.tuners.tuners_utils")
+    if tuners is None:
+        return set()
+    found: set[int] = set()  # our own LoRA layers are PEFT layers too, but their parameters are kept anyway
+    for module in model.modules():
+        if isinstance(module, tuners.BaseTunerLayer):
+            for attribute in tuple(module.adapter_layer_names) + tuple(getattr(module, "other_param_names", ())):
+                value = getattr(module, attribute, None)
+                if isinstance(value, nn.Module):
+                    found.update(id(p) for p in value.parameters())
+    return found
+
+
+def _validate_trainable(trainable: Sequence[str] | str | None) -> tuple[str, ...]:
+    patterns = (trainable,) if isinstance(trainable, str) else tuple(trainable or ())
+    bad = [p for p in patterns if not isinstance(p, str) or not p or p.startswith(".") or p.endswith(".")]
+    if bad:
+        raise AdapterError(
+            f"trainable must be a list of module-name prefixes such as ['head', 'lora_'], got bad entries {bad!r}"
+        )
+    return patterns
+
+
 def _freeze_host(model: nn.Module, state: InjectionState) -> None:
+    """Freezes every parameter except adapters', the user's ``trainable`` ones and other libraries' adapters."""
     keep = {id(p) for p in adapter_parameters(model)}
+    foreign = _foreign_adapter_parameters(model)
     for name, param in model.named_parameters():
-        if id(param) not in keep:
+        if id(param) in keep:
+            continue
+        if matches_trainable(name, state.keep_trainable):
+            param.requires_grad_(True)
+        elif id(param) in foreign and param.requires_grad:
+            continue  # another library's trainable adapter (e.g. the user's own PEFT LoRA) stays trainable
+        else:
             param.requires_grad_(False)
 
 
-def inject(model: nn.Module, method_name: str, config: MethodConfig, freeze_host: bool = True) -> nn.Module:
+def inject(
+    model: nn.Module,
+    method_name: str,
+    config: MethodConfig,
+    freeze_host: bool = True,
+    trainable: Sequence[str] | str | None = None,
+) -> nn.Module:
     """Injects one method into ``model`` in place; on any error the model is unchanged.
 
     Args:
         model: A supported ViT (see :func:`vfm_adapters.hosts.supported_families`).
         method_name: A registered method, e.g. ``"rein"``.
         config: The method's config.
-        freeze_host: Set ``requires_grad=False`` on every parameter that is not an adapter's.
+        freeze_host: Set ``requires_grad=False`` on every parameter that is not an adapter's,
+            except those named by ``trainable`` and the trainable adapters of another
+            library (PEFT layers the user injected), which stay as they are.
+        trainable: Module-name prefixes to keep (or make) trainable while the host is
+            frozen, like PEFT's ``modules_to_save``: e.g. ``["head"]`` for a
+            classification head (see :func:`matches_trainable`). Remembered for later
+            injections into the same model.
 
     Returns:
         ``model`` itself.
@@ -276,6 +347,7 @@ def inject(model: nn.Module, method_name: str, config: MethodConfig, freeze_host
             f"{method_name!r} is already injected into this model; call "
             f"vfm_adapters.remove_adapters(model, {method_name!r}) first to replace it"
         )
+    patterns = _validate_trainable(trainable)
     method.check(model, host, config)
 
     new_state = state is None
@@ -302,6 +374,7 @@ def inject(model: nn.Module, method_name: str, config: MethodConfig, freeze_host
     state.attachments[method_name] = attachment
     if state.host is None:
         state.host = host
+    state.keep_trainable = tuple(dict.fromkeys(state.keep_trainable + patterns))
     if new_state:
         object.__setattr__(model, STATE_ATTRIBUTE, state)
         from ..hub import guard_save_pretrained  # transformers hosts: save_pretrained keeps the adapters

@@ -37,6 +37,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .base import AdapterError, AdapterMethod, Attachment, MethodConfig, inject, injection_state, register_method
+from .rein import Rein
 
 __all__ = [
     "DomainReinShift",
@@ -488,6 +489,11 @@ class DomainReinMethod(AdapterMethod):
         if state is None or "rein" not in state.configs or container is None or "rein" not in container:
             raise AdapterError(
                 "domain_rein conditions Rein's tokens and needs Rein: call vfm_adapters.inject_rein(model) first"
+            )
+        if not isinstance(container["rein"], Rein):
+            raise AdapterError(
+                "domain_rein supports Rein on plain ViTs; this model's Rein is stage-wise "
+                f"({type(container['rein']).__name__}, a hierarchical host), which it does not condition"
             )
         return container["rein"], state.attachments["rein"]
 

@@ -171,6 +171,7 @@ def _projection_paths(host: HostSpec, config: LoRAConfig) -> list[tuple[str, str
         raise UnsupportedModelError(
             f"LoRA needs the query/key/value projections of each block, but host family {host.family!r} "
             f"exposes no {'/'.join(missing)} projection (nor a fused qkv)"
+            + (" (its blocks are convolutions without attention; use Rein)" if host.layout == "NCHW" else "")
         )
     return paths  # type: ignore[return-value]
 
@@ -286,7 +287,8 @@ class _Restore:
 
 
 def _probe_input(host: HostSpec, weight: torch.Tensor) -> torch.Tensor:
-    shape = (1, 2, 2, host.embed_dim) if host.layout == "BHWC" else (1, host.num_prefix_tokens + 4, host.embed_dim)
+    width = int(weight.shape[1])  # the projection's input width (stages of a hierarchical host differ)
+    shape = (1, 2, 2, width) if host.layout == "BHWC" else (1, host.num_prefix_tokens + 4, width)
     return torch.zeros(shape, device=weight.device, dtype=weight.dtype)
 
 
@@ -357,6 +359,7 @@ def inject_lora(
     dropout: float = 0.0,
     targets: Sequence[str] = ROLES,
     freeze_host: bool = True,
+    trainable: Sequence[str] | str | None = None,
 ) -> nn.Module:
     """Adds LoRA to the query, key and value projections of every block, in place.
 
@@ -374,6 +377,8 @@ def inject_lora(
         targets: Which projections to adapt, a subset of ``("q", "k", "v")`` (all three on
             fused-qkv hosts).
         freeze_host: Freeze every parameter that is not an adapter's.
+        trainable: Module-name prefixes that stay trainable when the host is frozen
+            (e.g. ``["head"]``; see :func:`vfm_adapters.methods.base.inject`).
 
     Returns:
         ``model``, now carrying LoRA.
@@ -394,7 +399,7 @@ def inject_lora(
         786432
     """
     config = LoRAConfig(rank=rank, alpha=alpha, dropout=dropout, targets=targets)
-    return inject(model, "lora", config, freeze_host=freeze_host)
+    return inject(model, "lora", config, freeze_host=freeze_host, trainable=trainable)
 
 
 def _lora_attachment(model: nn.Module) -> Attachment:

@@ -260,6 +260,10 @@ class ReinMethod(AdapterMethod):
     config_class = ReinConfig
 
     def check(self, model: nn.Module, host: HostSpec, config: ReinConfig) -> None:
+        if host.hierarchical:  # one Rein per stage: see rein_stages.py
+            from .rein_stages import check_stages
+
+            return check_stages(host, config)
         config.block_indices(host)
         if config.kernel == "triton":
             from ..kernels.triton_rein import CHANNEL_MULTIPLE, MAX_TOKENS
@@ -272,6 +276,10 @@ class ReinMethod(AdapterMethod):
                 )
 
     def attach(self, model: nn.Module, host: HostSpec, config: ReinConfig, attachment: Attachment) -> None:
+        if host.hierarchical:
+            from .rein_stages import attach_stages
+
+            return attach_stages(model, host, config, attachment)
         indices = config.block_indices(host)
         reference = next(model.parameters())
         rein = Rein(

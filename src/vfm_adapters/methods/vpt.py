@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -207,6 +207,13 @@ class VPTMethod(AdapterMethod):
     config_class = VPTConfig
 
     def check(self, model: nn.Module, host: HostSpec, config: VPTConfig) -> None:
+        if host.hierarchical:
+            raise UnsupportedModelError(
+                f"VPT inserts prompt tokens into one token sequence of fixed width, but host family {host.family!r} is "
+                f"hierarchical: its stages change width ({', '.join(str(s.width) for s in host.stages or ())}) and run "
+                f"on {'(B, C, H, W)' if host.layout == 'NCHW' else '(B, H, W, C)'} maps, which have no sequence to "
+                "extend. Use Rein on this host (or LoRA/AdaptFormer where its blocks have attention/an MLP)."
+            )
         if host.layout != "BNC":
             raise UnsupportedModelError(
                 f"VPT inserts prompt tokens into a token sequence (B, N, C), but host family {host.family!r} runs its "
@@ -256,6 +263,7 @@ def inject_vpt(
     deep: bool = True,
     patch_size: int | None = None,
     freeze_host: bool = True,
+    trainable: Sequence[str] | str | None = None,
 ) -> nn.Module:
     """Adds VPT prompt tokens to a ViT, in place, and freezes the host.
 
@@ -270,6 +278,8 @@ def inject_vpt(
         deep: Prompts before every block (True), or one set before the first block (False).
         patch_size: Patch size for the init bound; default the host's.
         freeze_host: Freeze every parameter that is not an adapter's.
+        trainable: Module-name prefixes that stay trainable when the host is frozen
+            (e.g. ``["head"]``; see :func:`vfm_adapters.methods.base.inject`).
 
     Returns:
         ``model``, now carrying VPT.
@@ -291,4 +301,4 @@ def inject_vpt(
         3686400
     """
     config = VPTConfig(num_tokens=num_tokens, deep=deep, patch_size=patch_size)
-    return inject(model, "vpt", config, freeze_host=freeze_host)
+    return inject(model, "vpt", config, freeze_host=freeze_host, trainable=trainable)

@@ -8,6 +8,10 @@ after every adapter hook already on the block (Rein's refinement, VPT's prompt
 removal, ...): the features include the adapters' effect no matter whether the
 adapters were injected before or after the feature extractor was built.
 
+On a hierarchical host (ResNet, ConvNeXt, Swin, SAM 2's Hiera) the default features are
+the outputs of each stage's last block, already at strides 4/8/16/32 with the stages'
+widths; use neck scales ``(1, 1, 1, 1)`` there.
+
 :class:`MultiScaleNeck` turns the single-stride maps into the strides 4/8/16/32 that
 an FPN-style head expects, as in Rein's mmseg setup: x4 (two 2x2 transposed
 convolutions with a norm and GELU between), x2 (one transposed convolution), x1
@@ -63,18 +67,43 @@ def _run_host(model: nn.Module, images: Tensor) -> None:
     model(images)
 
 
+def stage_end_layers(host: HostSpec) -> list[int]:
+    """The block index of the last block of every stage of a hierarchical host.
+
+    Example:
+        >>> import timm
+        >>> from vfm_adapters.hosts import describe_host
+        >>> with torch.device("meta"):
+        ...     resnet = timm.create_model("resnet50")
+        >>> stage_end_layers(describe_host(resnet))
+        [2, 6, 12, 15]
+    """
+    if host.stages is None:
+        raise ValueError(f"host family {host.family!r} has no stages")
+    ends, total = [], 0
+    for stage in host.stages:
+        total += stage.depth
+        ends.append(total - 1)
+    return ends
+
+
 class BackboneFeatures(nn.Module):
-    """Feature maps ``(B, C, H/p, W/p)`` of chosen blocks of a host ViT.
+    """Feature maps ``(B, C, H/p, W/p)`` of chosen blocks of a host ViT (or of each stage).
 
     Prefix tokens (CLS, registers) are dropped; spatial (``BHWC``) hosts such as SAM
     are permuted to channels-first. If a block emits more tokens than the patch grid
     (prompt tokens of a method that keeps them), the last ``H/p * W/p`` tokens are the
     patches.
 
+    On a hierarchical host the default ``layers`` are :func:`stage_end_layers`, giving
+    ``(B, C_s, H/stride_s, W/stride_s)`` maps at strides 4/8/16/32; ``channels`` and
+    ``strides`` say each map's width and stride.
+
     Args:
-        model: A supported host (timm/transformers ViT, EVA, SAM ...), adapters or not.
+        model: A supported host (timm/transformers ViT, EVA, SAM, ResNet, ConvNeXt,
+            Swin, Hiera ...), adapters or not.
         layers: Block indices (negative counts from the end); default
-            :func:`default_layers`.
+            :func:`default_layers` (:func:`stage_end_layers` on a hierarchical host).
 
     Example:
         >>> import timm, torch, vfm_adapters as va
@@ -90,7 +119,9 @@ class BackboneFeatures(nn.Module):
         self.model = model
         self.host: HostSpec = describe_host(model)
         depth = self.host.depth
-        layers = default_layers(depth) if layers is None else [int(i) for i in layers]
+        if layers is None:
+            layers = stage_end_layers(self.host) if self.host.hierarchical else default_layers(depth)
+        layers = [int(i) for i in layers]
         resolved = [i + depth if i < 0 else i for i in layers]
         if any(not 0 <= i < depth for i in resolved):
             raise ValueError(f"feature layers {layers} out of range for a host with {depth} blocks")
@@ -104,8 +135,24 @@ class BackboneFeatures(nn.Module):
     def patch_size(self) -> int:
         return self.host.patch_size
 
+    @property
+    def channels(self) -> list[int]:
+        """The width of each returned map."""
+        widths = self.host.block_widths()
+        return [widths[i] for i in self.layers]
+
+    @property
+    def strides(self) -> list[int]:
+        """The stride (input pixels per map cell) of each returned map."""
+        if self.host.stages is None:
+            return [self.host.patch_size] * len(self.layers)
+        strides = [stage.stride for stage in self.host.stages for _ in stage.block_names]
+        return [strides[i] for i in self.layers]
+
     def _to_map(self, output, grid: tuple[int, int]) -> Tensor:
         hidden = output[0] if isinstance(output, (tuple, list)) else output
+        if self.host.layout == "NCHW":
+            return hidden
         if self.host.layout == "BHWC" or hidden.ndim == 4:
             return hidden.permute(0, 3, 1, 2)
         height, width = grid
@@ -141,6 +188,33 @@ class BackboneFeatures(nn.Module):
         return [captured[index] for index in self.layers]
 
 
+def check_stage_scales(features: BackboneFeatures, scales: Sequence[float]) -> None:
+    """Refuses neck scales that would move a hierarchical host's maps off strides 4/8/16/32.
+
+    Stage maps already have those strides; the ViT default ``(4, 2, 1, 0.5)`` would turn
+    them into 1/4/16/64. Plain ViT hosts are not checked.
+
+    Example:
+        >>> import timm
+        >>> with torch.device("meta"):
+        ...     features = BackboneFeatures(timm.create_model("resnet50"))
+        >>> check_stage_scales(features, (1, 1, 1, 1))
+        >>> check_stage_scales(features, (4, 2, 1, 0.5))
+        Traceback (most recent call last):
+        ...
+        ValueError: the stage maps of host family 'timm.ResNet' have strides [4, 8, 16, 32] already; neck scales [4.0, 2.0, 1.0, 0.5] would make them [1.0, 4.0, 16.0, 64.0]. Use scales [1, 1, 1, 1]
+    """
+    if not features.host.hierarchical:
+        return
+    strides = features.strides
+    resulting = [stride / float(scale) for stride, scale in zip(strides, scales)]
+    if strides == [4, 8, 16, 32] and resulting != [4.0, 8.0, 16.0, 32.0]:
+        raise ValueError(
+            f"the stage maps of host family {features.host.family!r} have strides {strides} already; neck scales "
+            f"{[float(s) for s in scales]} would make them {resulting}. Use scales [1, 1, 1, 1]"
+        )
+
+
 def _norm(channels: int) -> nn.GroupNorm:
     return nn.GroupNorm(math.gcd(32, channels), channels)
 
@@ -150,9 +224,10 @@ class MultiScaleNeck(nn.Module):
 
     With patch 16 this gives strides 4/8/16/32. Normalisation is GroupNorm rather than
     mmseg's SyncBN, so results do not depend on the batch size or the number of GPUs.
+    Scales ``(1, 1, 1, 1)`` pass a hierarchical host's stage maps through unchanged.
 
     Args:
-        channels: Channels of every input map.
+        channels: Channels of every input map, or one value per map.
         scales: One factor per input map (4, 2, 1, 0.5 or any other, interpolated).
 
     Example:
@@ -161,11 +236,14 @@ class MultiScaleNeck(nn.Module):
         [(32, 32), (16, 16), (8, 8), (4, 4)]
     """
 
-    def __init__(self, channels: int, scales: Sequence[float] = (4, 2, 1, 0.5)) -> None:
+    def __init__(self, channels: int | Sequence[int], scales: Sequence[float] = (4, 2, 1, 0.5)) -> None:
         super().__init__()
         self.scales = [float(s) for s in scales]
+        widths = [int(channels)] * len(self.scales) if isinstance(channels, int) else [int(c) for c in channels]
+        if len(widths) != len(self.scales):
+            raise ValueError(f"MultiScaleNeck got {len(widths)} channel counts for {len(self.scales)} scales")
         branches = []
-        for scale in self.scales:
+        for channels, scale in zip(widths, self.scales):
             if scale == 4:
                 branches.append(nn.Sequential(
                     nn.ConvTranspose2d(channels, channels, 2, stride=2), _norm(channels), nn.GELU(),

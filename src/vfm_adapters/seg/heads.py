@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .datasets import IGNORE_INDEX
-from .features import BackboneFeatures, MultiScaleNeck
+from .features import BackboneFeatures, MultiScaleNeck, check_stage_scales
 
 
 def _norm(channels: int) -> nn.GroupNorm:
@@ -145,9 +145,10 @@ class Segmentor(nn.Module):
         self.features = BackboneFeatures(backbone, layers)
         if len(scales) != len(self.features.layers):
             raise ValueError(f"{len(self.features.layers)} feature layers need {len(self.features.layers)} neck scales, got {list(scales)}")
-        channels = self.features.embed_dim
+        check_stage_scales(self.features, scales)
+        channels = self.features.channels  # one width per map (stages of a hierarchical host differ)
         self.neck = MultiScaleNeck(channels, scales)
-        self.head = HEADS[head]([channels] * len(scales), num_classes, head_channels, dropout)
+        self.head = HEADS[head](channels, num_classes, head_channels, dropout)
         self.num_classes = num_classes
         self.settings = {"num_classes": num_classes, "layers": list(self.features.layers), "head": head,
                          "head_channels": head_channels, "scales": [float(s) for s in scales], "dropout": dropout}

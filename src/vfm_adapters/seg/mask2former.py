@@ -46,7 +46,7 @@ from transformers.models.mask2former.modeling_mask2former import (
 )
 
 from .datasets import IGNORE_INDEX
-from .features import BackboneFeatures, MultiScaleNeck
+from .features import BackboneFeatures, MultiScaleNeck, check_stage_scales
 
 __all__ = [
     "Mask2FormerHead",
@@ -508,7 +508,8 @@ class Mask2FormerSegmentor(nn.Module):
         if len(scales) != 4 or len(self.features.layers) != 4:
             raise ValueError(f"the Mask2Former head needs 4 feature layers and 4 neck scales, got layers "
                              f"{self.features.layers} and scales {list(scales)}")
-        channels = self.features.embed_dim
+        check_stage_scales(self.features, scales)
+        channels = self.features.channels  # one width per map (stages of a hierarchical host differ)
         self.neck = MultiScaleNeck(channels, scales)
         rein = _linked_rein(backbone)
         if link_rein_queries is None:
@@ -520,7 +521,7 @@ class Mask2FormerSegmentor(nn.Module):
             if head_options.setdefault("num_queries", tokens) != tokens:
                 raise ValueError(f"num_queries {head_options['num_queries']} differs from Rein's token_length {tokens}")
             head_options.setdefault("query_dim", rein.config.query_dim)
-        self.head = Mask2FormerHead(num_classes, [channels] * 4, link_rein_queries=bool(link_rein_queries), **head_options)
+        self.head = Mask2FormerHead(num_classes, channels, link_rein_queries=bool(link_rein_queries), **head_options)
         self.num_classes = num_classes
         self.settings = {"num_classes": num_classes, "layers": list(self.features.layers), "head": "mask2former",
                          "scales": [float(s) for s in scales], "link_rein_queries": bool(link_rein_queries),

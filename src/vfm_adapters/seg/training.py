@@ -213,6 +213,28 @@ def build_backbone(model_config: Mapping[str, Any]) -> nn.Module:
     return backbone
 
 
+def train_mode(model: nn.Module) -> nn.Module:
+    """``model.train()``, except that frozen batch norms stay in eval mode.
+
+    A frozen CNN host (ResNet with Rein, as the Rein authors train it) must keep its
+    batch-norm running statistics; in train mode they would follow each batch even though
+    no parameter of the host trains. Batch norms with trainable parameters (full
+    fine-tuning) train as usual.
+
+    Example:
+        >>> net = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)).requires_grad_(False)
+        >>> train_mode(net)[1].training, net[0].training
+        (False, True)
+    """
+    model.train()
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            params = list(module.parameters(recurse=False))
+            if params and not any(p.requires_grad for p in params):
+                module.eval()
+    return model
+
+
 def build_adapted_backbone(
     model_config: Mapping[str, Any], method_defaults: Mapping[str, Mapping[str, Any]] = METHOD_DEFAULTS
 ) -> nn.Module:
@@ -594,7 +616,7 @@ def train(config: str | os.PathLike | Mapping[str, Any], resume: bool = False, s
     log_path = output_dir / "log.jsonl"
     if start == 0 and accelerator.is_main_process and log_path.exists():
         log_path.unlink()  # a run from scratch (overwrite) starts a new log; a resumed one appends
-    model.train()
+    train_mode(model)
     bar = tqdm(total=total, initial=start, desc="train", disable=not (progress and accelerator.is_main_process),
                dynamic_ncols=True)
     started, loss_value, running = time.perf_counter(), float("nan"), []
@@ -640,7 +662,7 @@ def train(config: str | os.PathLike | Mapping[str, Any], resume: bool = False, s
         if val_sets and tc["eval_interval"] and done % int(tc["eval_interval"]) == 0 and done < total:
             results = evaluate_sets(raw_model, config, val_sets)
             say(f"step {done}: " + ", ".join(f"{k} mIoU {v['mIoU']:.1f}" for k, v in results.items()))
-            model.train()
+            train_mode(model)
     bar.close()
     finished = (end == total)
     results: dict[str, dict] = {}
