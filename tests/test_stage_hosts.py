@@ -193,9 +193,16 @@ def test_rein_saved_for_other_stages_is_refused(tmp_path) -> None:
     model, _ = make_model("timm_resnet")
     va.save_adapters(va.inject_rein(model, token_length=6, rank=3), tmp_path)
     other, _ = make_model("timm_convnext")
-    with pytest.raises(AdapterError, match="saved for a host with"):
+    with pytest.raises(AdapterError, match="saved for a timm.ResNet host; this model is a timm.ConvNeXt"):
         va.load_adapters(other, tmp_path)
     assert not hasattr(other, "vfm_adapters")
+    from timm.models.resnet import Bottleneck, ResNet
+
+    deeper = ResNet(block=Bottleneck, layers=(1, 3, 1, 1), channels=(8, 16, 32, 64), stem_width=8,
+                    stem_type="deep", num_classes=0)  # same family, another stage layout
+    with pytest.raises(AdapterError, match="saved for a host with"):
+        va.load_adapters(deeper, tmp_path)
+    assert not hasattr(deeper, "vfm_adapters")
 
 
 @pytest.mark.parametrize("options, message", [({"layers": [0, 1]}, "one Rein per stage"), ({"layers": "global"}, "one Rein per stage")])
