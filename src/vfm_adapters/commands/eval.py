@@ -100,7 +100,8 @@ def run(args: argparse.Namespace) -> int:
         dataset = build_dataset(entry)
         size = resize.get(name) or (tuple(entry["resize"]) if entry.get("resize") else None)
         results[name] = evaluate(model, dataset, num_classes, mode=args.mode or eval_cfg["mode"],
-                                 crop=args.crop or int(eval_cfg["crop"]), stride=args.stride or int(eval_cfg["stride"]),
+                                 crop=int(eval_cfg["crop"]) if args.crop is None else args.crop,
+                                 stride=int(eval_cfg["stride"]) if args.stride is None else args.stride,
                                  resize=size, mean=model.mean, std=model.std, limit=args.limit, progress=True)
         print(f"{name}: mIoU {results[name]['mIoU']:.2f} on {results[name]['images']} images")
     print(results_table({Path(args.run_dir).name: results}, per_class=args.per_class))

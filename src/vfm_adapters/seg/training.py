@@ -183,6 +183,20 @@ def _validate(config: dict[str, Any]) -> None:
         raise ConfigError("train.mixed_precision must be auto, no, bf16 or fp16")
     if config["eval"]["mode"] not in ("slide", "whole"):
         raise ConfigError("eval.mode must be 'slide' or 'whole'")
+    _validate_eval(config["eval"])
+
+
+def _validate_eval(ev: Mapping[str, Any]) -> None:
+    """Sliding-window sizes that cover every pixel, and a positive image limit."""
+    crop, stride, limit = ev.get("crop"), ev.get("stride"), ev.get("limit")
+    for key, value in (("crop", crop), ("stride", stride)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"eval.{key} must be a positive integer, got {value!r}")
+    if stride > crop:
+        raise ConfigError(f"eval.stride ({stride}) must not exceed eval.crop ({crop}): pixels between windows "
+                          "would be in no window")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ConfigError(f"eval.limit must be a positive integer or null, got {limit!r}")
 
 
 # ----------------------------------------------------------------------------- model
