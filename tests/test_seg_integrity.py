@@ -66,3 +66,80 @@ def test_a_crop_larger_than_the_image_is_one_unpadded_window():
     seen.clear()
     wide = slide_inference(model, torch.randn(1, 3, 32, 64), 4, crop=48, stride=16)
     assert seen == [(2, 3, 32, 48)] and torch.isfinite(wide).all()
+
+
+# ------------------------------------------------------------------ labels (item 12)
+def _folder(root, labels, size=(6, 8)):
+    from PIL import Image
+
+    (root / "images").mkdir(parents=True)
+    (root / "labels").mkdir(parents=True)
+    for i, value in enumerate(labels):
+        Image.fromarray(np.zeros((*size, 3), np.uint8)).save(root / "images" / f"{i}.png")
+        label = np.zeros(size, np.uint8)
+        label[0, 0] = value
+        Image.fromarray(label).save(root / "labels" / f"{i}.png")
+    return root
+
+
+class _Constant(torch.nn.Module):
+    def __init__(self, classes: int = 3) -> None:
+        super().__init__()
+        self.anchor = torch.nn.Parameter(torch.zeros(()))
+        self.classes = classes
+
+    def forward(self, x):
+        return torch.zeros(x.shape[0], self.classes, *x.shape[-2:]) + self.anchor
+
+
+def test_label_ids_beyond_the_classes_are_an_error_naming_the_file(tmp_path):
+    from vfm_adapters.seg.datasets import FolderDataset
+    from vfm_adapters.seg.label_checks import LabelRangeError, check_label_range
+
+    data = FolderDataset(_folder(tmp_path / "d", [1, 2, 7]))
+    with pytest.raises(LabelRangeError, match=r"2\.png.*\[7\]"):
+        evaluate(_Constant(), data, 3, mode="whole")
+    # a training batch names the file of the offending sample
+    batch = torch.zeros(3, 4, 4, dtype=torch.long)
+    batch[1, 0, 0] = 9
+    with pytest.raises(LabelRangeError, match="b.png"):
+        check_label_range(batch, 3, ["a.png", "b.png", "c.png"])
+    batch[1, 0, 0] = 255
+    check_label_range(batch, 3, ["a.png", "b.png", "c.png"])
+
+
+def test_training_refuses_labels_beyond_num_classes_when_the_data_is_opened(tmp_path, one_thread):
+    from test_seg_training import _config
+    from vfm_adapters.seg.label_checks import LabelRangeError
+    from vfm_adapters.seg.training import train
+
+    config = _config(tmp_path / "run", iterations=1)
+    config["model"]["num_classes"] = 3  # the synthetic scenes have 7 classes
+    with pytest.raises(LabelRangeError, match="synthetic://"):
+        train(config, progress=False, log=lambda s: None)
+
+
+@pytest.mark.parametrize("limit", [0, -1])
+def test_an_empty_evaluation_is_an_error_not_nan(tmp_path, limit, capsys):
+    from vfm_adapters.cli import main
+    from vfm_adapters.seg.datasets import FolderDataset
+
+    data = FolderDataset(_folder(tmp_path / "d", [1, 2]))
+    with pytest.raises(ValueError, match="limit"):
+        evaluate(_Constant(), data, 3, mode="whole", limit=limit)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["eval", str(tmp_path), "--limit", str(limit)])
+    assert exit_info.value.code != 0 and "positive integer" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["eval", str(tmp_path), "--stride", "0"])
+
+
+def test_an_evaluation_without_a_valid_pixel_is_an_error(tmp_path):
+    from PIL import Image
+
+    from vfm_adapters.seg.datasets import FolderDataset
+
+    root = _folder(tmp_path / "d", [1])
+    Image.fromarray(np.full((6, 8), 255, np.uint8)).save(root / "labels" / "0.png")
+    with pytest.raises(ValueError, match="no valid pixel"):
+        evaluate(_Constant(), FolderDataset(root), 3, mode="whole")

@@ -25,12 +25,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resize", action="append", default=[], metavar="NAME=WxH",
                         help="run inference at this size for dataset NAME (logits resized back), e.g. citys=1024x512")
     parser.add_argument("--mode", choices=("slide", "whole"), default=None, help="inference mode (default: config's)")
-    parser.add_argument("--crop", type=int, default=None, help="sliding-window size (default: config's, 512)")
-    parser.add_argument("--stride", type=int, default=None, help="sliding-window stride (default: config's, 341)")
-    parser.add_argument("--limit", type=int, default=None, help="evaluate the first N images of each dataset only")
+    parser.add_argument("--crop", type=_positive_int, default=None, help="sliding-window size (default: config's, 512)")
+    parser.add_argument("--stride", type=_positive_int, default=None, help="sliding-window stride (default: config's, 341)")
+    parser.add_argument("--limit", type=_positive_int, default=None, help="evaluate the first N images of each dataset only")
     parser.add_argument("--per-class", action="store_true", help="also print per-class IoU")
     parser.add_argument("--device", default="cuda" if _cuda() else "cpu", help="device (default: %(default)s)")
     parser.add_argument("--output", default=None, help="write the results as JSON here")
+
+
+def _positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (0 or a negative value is refused, never replaced by a default)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
 
 
 def _cuda() -> bool:

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .datasets import IGNORE_INDEX
+from .label_checks import check_label_range
 from .metrics import ConfusionMeter
 from .transforms import IMAGENET_MEAN, IMAGENET_STD
 
@@ -161,7 +162,15 @@ def evaluate(model: nn.Module, dataset: Iterable, num_classes: int, class_names:
 
     Returns:
         :func:`~vfm_adapters.seg.metrics.summarize`'s dict plus ``images`` and ``seconds``.
+
+    Raises:
+        LabelRangeError: A label holds an id outside ``0..num_classes-1`` (not ``ignore_index``);
+            the message names the file.
+        ValueError: ``limit`` below 1, a bad sliding window, or no image or no valid pixel
+            at all (there would be no mIoU to report).
     """
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ValueError(f"limit must be a positive number of images (or None for all), got {limit!r}")
     if mode == "slide":  # refuse a bad window before the first image, not after loading it
         (crop_h, crop_w), (stride_h, stride_w) = _pair(crop, "crop"), _pair(stride, "stride")
         window_starts(crop_h, crop_h, stride_h), window_starts(crop_w, crop_w, stride_w)
@@ -184,11 +193,17 @@ def evaluate(model: nn.Module, dataset: Iterable, num_classes: int, class_names:
         for sample in iterator:
             if limit is not None and seen >= limit:
                 break
+            check_label_range(sample["label"], num_classes, sample.get("path") or f"image {seen}", ignore_index)
             prediction = predict(model, sample["image"], num_classes, mode, crop, stride, resize, mean, std)
             meter.update(prediction.cpu(), sample["label"])
             seen += 1
     finally:
         model.train(was_training)
+    if seen == 0:
+        raise ValueError("the dataset gave no image to evaluate: an mIoU of nothing is not a result")
+    if int(meter.matrix.sum()) == 0:
+        raise ValueError(f"no valid pixel in the {seen} evaluated image(s): every label pixel is the ignore index "
+                         f"{ignore_index}, so there is no mIoU to report (wrong label files or mapping?)")
     names = class_names if class_names is not None else getattr(dataset, "classes", None)
     result = meter.summary(list(names)[:num_classes] if names is not None else None)
     result.update(images=seen, seconds=time.perf_counter() - started)

@@ -92,6 +92,7 @@ from ..methods.base import adapter_parameters, get_method, inject, injected_meth
 from .datasets import build_dataset
 from .heads import Segmentor, segmentation_loss
 from .inference import evaluate
+from .label_checks import check_dataset_labels, check_label_range
 from .metrics import results_table
 from .sampling import AugmentedStream, StreamSampler
 from .transforms import IMAGENET_MEAN, IMAGENET_STD, train_transform
@@ -474,6 +475,7 @@ def build_val_sets(config: Mapping[str, Any]) -> dict[str, tuple[Any, dict]]:
         name = spec.get("name") or f"{spec.get('type')}{'' if i == 0 else i}"
         options = {"resize": tuple(spec["resize"])} if spec.get("resize") else {}
         sets[name] = (build_dataset(spec), options)
+        check_dataset_labels(sets[name][0], int(config["model"]["num_classes"]), f"validation set {name}")
     return sets
 
 
@@ -551,6 +553,9 @@ def train(config: str | os.PathLike | Mapping[str, Any], resume: bool = False, s
     raw_model: Segmentor = accelerator.unwrap_model(model)
 
     sources = [build_dataset(spec) for spec in dc["train"]]
+    num_classes = int(mc["num_classes"])
+    for i, source in enumerate(sources):  # a sampled pass: wrong ids fail here, naming a file
+        check_dataset_labels(source, num_classes, f"data.train[{i}] ({dc['train'][i].get('type')})")
     weights = [float(spec.get("weight", 1.0)) for spec in dc["train"]]
     transform = train_transform(tuple(dc["crop_size"]), tuple(dc["scale"]) if dc["scale"] else None,
                                 tuple(dc["ratio_range"]), dc["cat_max_ratio"], dc["flip"], dc["photometric"],
@@ -581,6 +586,7 @@ def train(config: str | os.PathLike | Mapping[str, Any], resume: bool = False, s
             data = next(batches)
             images = data["image"].to(accelerator.device, non_blocking=True)
             labels = data["label"].to(accelerator.device, non_blocking=True)
+            check_label_range(labels, num_classes, data["path"])
             context = accelerator.no_sync(model) if micro < accum - 1 else nullcontext()
             with context:
                 with accelerator.autocast():
