@@ -143,3 +143,32 @@ def test_an_evaluation_without_a_valid_pixel_is_an_error(tmp_path):
     Image.fromarray(np.full((6, 8), 255, np.uint8)).save(root / "labels" / "0.png")
     with pytest.raises(ValueError, match="no valid pixel"):
         evaluate(_Constant(), FolderDataset(root), 3, mode="whole")
+
+
+# ------------------------------------------------------------------ divergence and optimiser values (item 10)
+def test_a_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp_path, one_thread, monkeypatch):
+    from test_seg_training import _config
+    from vfm_adapters.seg import training
+
+    calls = {"n": 0}
+    real_loss = training.segmentation_loss
+
+    def loss_going_nan(logits, labels):
+        calls["n"] += 1
+        loss = real_loss(logits, labels)
+        return loss * float("nan") if calls["n"] > 4 else loss  # grad_accum 2: step 3 is the first bad one
+
+    monkeypatch.setattr(training, "segmentation_loss", loss_going_nan)
+    with pytest.raises(training.TrainingDivergedError, match=r"nan at step 3.*checkpoint .* \(step 2\) is intact"):
+        training.train(_config(tmp_path / "run", iterations=6), progress=False, log=lambda s: None)
+    payload = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    assert payload["step"] == 2 and all(torch.isfinite(t).all() for t in payload["model"].values())
+    assert not (tmp_path / "run" / "head.safetensors").exists()  # nothing was saved as "finished"
+
+
+@pytest.mark.parametrize("optim", [{"grad_clip": -1.0}, {"grad_clip": 0}, {"lr": float("nan")}, {"lr": -1e-4},
+                                   {"betas": [1.5, 0.9]}, {"weight_decay": -0.1}, {"warmup_ratio": 2.0},
+                                   {"lr": "1e-4"}, {"min_lr": 1.0}])
+def test_invalid_optimiser_values_are_refused(optim):
+    with pytest.raises(ConfigError, match="optim"):
+        load_config({"optim": optim})

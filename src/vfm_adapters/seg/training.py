@@ -131,6 +131,10 @@ class ConfigError(ValueError):
     """A training config with unknown keys or invalid values."""
 
 
+class TrainingDivergedError(RuntimeError):
+    """The loss became NaN or infinite; training stopped before the step that would save such weights."""
+
+
 def load_config(source: str | os.PathLike | Mapping[str, Any]) -> dict[str, Any]:
     """Reads a YAML/JSON config (or takes a dict) and fills in :data:`DEFAULTS`.
 
@@ -185,6 +189,39 @@ def _validate(config: dict[str, Any]) -> None:
     if config["eval"]["mode"] not in ("slide", "whole"):
         raise ConfigError("eval.mode must be 'slide' or 'whole'")
     _validate_eval(config["eval"])
+    _validate_optim(config["optim"], config["train"])
+
+
+def _number(section: str, key: str, value: Any, low: float, high: float = math.inf, low_open: bool = False,
+            high_open: bool = False) -> None:
+    """Refuses a value that is not a finite real number in the given range (bools included)."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
+    if not ok:
+        interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+        raise ConfigError(f"{section}.{key} must be a finite number in {interval}, got {value!r}")
+
+
+def _validate_optim(oc: Mapping[str, Any], tc: Mapping[str, Any]) -> None:
+    """Optimiser and schedule values that cannot silently train wrongly (a negative grad_clip flips gradients)."""
+    _number("optim", "lr", oc.get("lr"), 0.0, low_open=True)
+    _number("optim", "weight_decay", oc.get("weight_decay"), 0.0)
+    _number("optim", "backbone_lr_mult", oc.get("backbone_lr_mult"), 0.0)
+    _number("optim", "poly_power", oc.get("poly_power"), 0.0)
+    _number("optim", "min_lr", oc.get("min_lr", 0.0), 0.0, float(oc["lr"]))
+    _number("optim", "warmup_ratio", oc.get("warmup_ratio"), 0.0, 1.0)
+    betas = oc.get("betas")
+    if not isinstance(betas, (list, tuple)) or len(betas) != 2:
+        raise ConfigError(f"optim.betas must be two numbers in [0, 1), got {betas!r}")
+    for beta in betas:
+        _number("optim", "betas", beta, 0.0, 1.0, high_open=True)
+    if oc.get("grad_clip") is not None:
+        _number("optim", "grad_clip (null = no clipping)", oc["grad_clip"], 0.0, low_open=True)
+    for section, values, key, minimum in (("optim", oc, "warmup_iters", 0), ("train", tc, "log_interval", 1),
+                                          ("train", tc, "checkpoint_interval", 0), ("train", tc, "eval_interval", 0)):
+        value = values.get(key)
+        if key in values and (isinstance(value, bool) or not isinstance(value, int) or value < minimum):
+            raise ConfigError(f"{section}.{key} must be an integer >= {minimum}, got {value!r}")
 
 
 def _validate_eval(ev: Mapping[str, Any]) -> None:
@@ -580,6 +617,7 @@ def train(config: str | os.PathLike | Mapping[str, Any], resume: bool = False, s
     started, loss_value, running = time.perf_counter(), float("nan"), []
     computes_loss = bool(getattr(raw_model, "computes_loss", False))
     step = start
+    last_saved = start if start > 0 else None  # the step of the checkpoint on disk that this run wrote or resumed
     for step in range(start, end):
         step_loss = 0.0
         for micro in range(accum):
@@ -596,6 +634,7 @@ def train(config: str | os.PathLike | Mapping[str, Any], resume: bool = False, s
                         loss = segmentation_loss(model(images), labels) / accum
                 accelerator.backward(loss)
             step_loss += float(loss.detach())
+        _stop_if_diverged(accelerator, step_loss, step + 1, checkpoint_path, last_saved)
         if oc["grad_clip"]:
             accelerator.clip_grad_norm_([p for p in raw_model.parameters() if p.requires_grad], oc["grad_clip"])
         optimizer.step()
@@ -617,6 +656,7 @@ def train(config: str | os.PathLike | Mapping[str, Any], resume: bool = False, s
             accelerator.wait_for_everyone()
             if accelerator.is_main_process:
                 save_checkpoint(checkpoint_path, raw_model, optimizer, scheduler, done, config)
+            last_saved = done
         if val_sets and tc["eval_interval"] and done % int(tc["eval_interval"]) == 0 and done < total:
             results = evaluate_sets(raw_model, config, val_sets)
             say(f"step {done}: " + ", ".join(f"{k} mIoU {v['mIoU']:.1f}" for k, v in results.items()))
@@ -633,6 +673,24 @@ def train(config: str | os.PathLike | Mapping[str, Any], resume: bool = False, s
             say(results_table({Path(output_dir).name: results}))
     return {"step": end if start < end else start, "loss": loss_value, "results": results, "output_dir": str(output_dir),
             "seconds": time.perf_counter() - started, "finished": finished, "model": raw_model}
+
+
+def _stop_if_diverged(accelerator, loss: float, step: int, checkpoint_path: Path, last_saved: int | None) -> None:
+    """Raises :class:`TrainingDivergedError` (on every process) when ``loss`` is not finite on any process.
+
+    Called before the optimiser step, so no weight and no checkpoint ever holds the
+    result of a non-finite loss.
+    """
+    bad = torch.tensor([0.0 if math.isfinite(loss) else 1.0], device=accelerator.device)
+    if accelerator.num_processes > 1:
+        bad = accelerator.reduce(bad, reduction="sum")
+    if float(bad.item()) == 0.0:
+        return
+    kept = (f"the last good checkpoint {checkpoint_path} (step {last_saved}) is intact; continue from it with "
+            "--resume after the fix" if last_saved is not None else "no checkpoint was written yet")
+    raise TrainingDivergedError(
+        f"the training loss is {loss} at step {step}: training diverged and was stopped before the optimiser "
+        f"step; {kept}. Lower optim.lr, set optim.grad_clip, or check the data of this step")
 
 
 def _collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
