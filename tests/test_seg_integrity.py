@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 import timm
@@ -172,3 +175,72 @@ def test_a_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp
 def test_invalid_optimiser_values_are_refused(optim):
     with pytest.raises(ConfigError, match="optim"):
         load_config({"optim": optim})
+
+
+# ------------------------------------------------------------------ run manifest (items 6, 7)
+def _quick_run(output, **model_options):
+    from test_seg_training import _config
+    from vfm_adapters.seg.training import train
+
+    config = _config(output, iterations=1)
+    config["model"].update(model_options)
+    config["data"]["val"] = []
+    return train(config, progress=False, log=lambda s: None, evaluate_at_end=False)
+
+
+def test_a_run_with_missing_or_foreign_files_is_refused_naming_the_file(tmp_path, one_thread):
+    import shutil
+
+    from vfm_adapters.seg.manifest import RunManifestError
+    from vfm_adapters.seg.training import load_segmentor
+
+    _quick_run(tmp_path / "a")
+    _quick_run(tmp_path / "b", method_options={"rein": {"token_length": 4, "rank": 2}}, dropout=0.2)
+    load_segmentor(tmp_path / "a")  # intact: loads
+    shutil.rmtree(tmp_path / "a" / "adapters")
+    with pytest.raises(RunManifestError, match=r"adapters.* missing"):
+        load_segmentor(tmp_path / "a")
+    with pytest.raises(RunManifestError, match="adapters"):  # even unchecked, Rein is not silently dropped
+        load_segmentor(tmp_path / "a", verify=False)
+    shutil.copytree(tmp_path / "b" / "adapters", tmp_path / "a" / "adapters")  # another run's adapters
+    with pytest.raises(RunManifestError, match=r"adapters.*(does not match|not part of)"):
+        load_segmentor(tmp_path / "a")
+    (tmp_path / "b" / "head.safetensors").write_bytes((tmp_path / "b" / "head.safetensors").read_bytes()[:-1] + b"\0")
+    with pytest.raises(RunManifestError, match=r"head\.safetensors does not match"):
+        load_segmentor(tmp_path / "b")
+    (tmp_path / "b" / "manifest.json").unlink()
+    with pytest.raises(RunManifestError, match="manifest.json not found"):
+        load_segmentor(tmp_path / "b")
+
+
+def test_backbone_checkpoint_is_found_from_any_directory_and_its_hash_checked(tmp_path, one_thread, monkeypatch):
+    from safetensors.torch import save_file
+
+    from vfm_adapters.seg.manifest import RunManifestError
+    from vfm_adapters.seg.training import build_backbone, load_segmentor
+
+    from test_seg_training import _config
+
+    model_config = {**_config(tmp_path)["model"], "pretrained": False, "backbone_checkpoint": None}
+    torch.manual_seed(3)
+    host = build_backbone(model_config)
+    (tmp_path / "out" / "pre").mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in host.state_dict().items()}, str(tmp_path / "out" / "pre" / "backbone.safetensors"))
+    monkeypatch.chdir(tmp_path)
+    outcome = _quick_run(Path("out") / "rein", backbone_checkpoint="out/pre/backbone.safetensors")
+    info = json.loads((tmp_path / "out" / "rein" / "segmentor.json").read_text())
+    assert info["model"]["backbone_checkpoint"] == "../pre/backbone.safetensors"  # relative to the run directory
+    elsewhere = tmp_path / "elsewhere"
+    (elsewhere / "out" / "pre").mkdir(parents=True)  # a different backbone where the old cwd-relative path points
+    torch.manual_seed(4)
+    save_file({k: v.contiguous() for k, v in build_backbone(model_config).state_dict().items()},
+              str(elsewhere / "out" / "pre" / "backbone.safetensors"))
+    monkeypatch.chdir(elsewhere)
+    model, _ = load_segmentor(tmp_path / "out" / "rein")
+    x = torch.randn(1, 3, 32, 32)
+    assert torch.allclose(model(x), outcome["model"].eval()(x), atol=1e-6)
+    with torch.no_grad():  # the backbone file changes: refused
+        host.pos_embed.add_(1.0)
+    save_file({k: v.contiguous() for k, v in host.state_dict().items()}, str(tmp_path / "out" / "pre" / "backbone.safetensors"))
+    with pytest.raises(RunManifestError, match=r"backbone checkpoint .*backbone\.safetensors changed"):
+        load_segmentor(tmp_path / "out" / "rein")

@@ -31,6 +31,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--per-class", action="store_true", help="also print per-class IoU")
     parser.add_argument("--device", default="cuda" if _cuda() else "cpu", help="device (default: %(default)s)")
     parser.add_argument("--output", default=None, help="write the results as JSON here")
+    parser.add_argument("--no-verify", action="store_true",
+                        help="load a run without checking its files against manifest.json (runs saved before manifests)")
 
 
 def _positive_int(text: str) -> int:
@@ -88,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
     from vfm_adapters.seg.metrics import results_table
     from vfm_adapters.seg.training import load_segmentor
 
-    model, info = load_segmentor(args.run_dir, map_location=args.device)
+    model, info = load_segmentor(args.run_dir, map_location=args.device, verify=not args.no_verify)
     config_path = Path(args.run_dir) / "config.json"
     config = json.loads(config_path.read_text()) if config_path.is_file() else {}
     eval_cfg = {"mode": "slide", "crop": 512, "stride": 341, **config.get("eval", {})}

@@ -93,6 +93,7 @@ from .datasets import build_dataset
 from .heads import Segmentor, segmentation_loss
 from .inference import evaluate
 from .label_checks import check_dataset_labels, check_label_range
+from .manifest import RunManifestError, resolve_checkpoint_path, stored_checkpoint_path, verify_run, write_manifest
 from .metrics import results_table
 from .sampling import AugmentedStream, StreamSampler
 from .transforms import IMAGENET_MEAN, IMAGENET_STD, train_transform
@@ -451,14 +452,30 @@ def save_segmentor(model: Segmentor, directory: str | os.PathLike, model_config:
         host_state = {k: v.detach().cpu().contiguous() for k, v in model.backbone.state_dict().items()
                       if not k.startswith("vfm_adapters.")}
         write_atomically(directory / "backbone.safetensors", lambda p: save_file(host_state, p))
-    info = {"model": dict(model_config), "settings": model.settings, "host_trained": host_trained,
+    saved_config = dict(model_config)
+    checkpoint = saved_config.get("backbone_checkpoint")
+    if checkpoint:  # recorded so that it names the same file from any working directory
+        saved_config["backbone_checkpoint"] = stored_checkpoint_path(checkpoint, directory)
+    info = {"model": saved_config, "settings": model.settings, "host_trained": host_trained,
             "methods": injected_methods(model.backbone), **(extra or {})}
     write_atomically(directory / "segmentor.json", lambda p: Path(p).write_text(json.dumps(info, indent=2, default=str) + "\n"))
+    # last: the manifest lists (and hashes) exactly the files above, and the host weights used
+    write_manifest(directory, info["methods"], saved_config,
+                   None if host_trained else saved_config.get("backbone_checkpoint"))
     return directory
 
 
-def load_segmentor(directory: str | os.PathLike, map_location: str | torch.device = "cpu") -> tuple[Segmentor, dict]:
+def load_segmentor(directory: str | os.PathLike, map_location: str | torch.device = "cpu",
+                   verify: bool = True) -> tuple[Segmentor, dict]:
     """Rebuilds a :class:`Segmentor` saved by :func:`save_segmentor` (or by ``train``).
+
+    Args:
+        directory: The run directory.
+        map_location: Device of the returned model.
+        verify: Check the run against its ``manifest.json`` first (see
+            :func:`vfm_adapters.seg.manifest.verify_run`): a missing, changed or foreign
+            file, or a changed backbone checkpoint, is refused naming the file.
+            ``False`` loads a run saved before manifests existed, unchecked.
 
     Returns:
         The model (eval mode) and the saved ``segmentor.json`` dict.
@@ -474,8 +491,18 @@ def load_segmentor(directory: str | os.PathLike, map_location: str | torch.devic
                                 "and adapters/ (written by vfm-adapters train or save_segmentor)")
     info = json.loads(info_path.read_text())
     model_config = dict(info["model"])
+    manifest = verify_run(directory, info["model"]) if verify else None
+    if info.get("methods") and not (directory / "adapters").is_dir():
+        raise RunManifestError(f"{directory / 'adapters'} is missing but the run was saved with {info['methods']}: "
+                               "evaluating without them would report another model")
     if info.get("host_trained"):
         model_config["backbone_checkpoint"] = str(directory / "backbone.safetensors")
+    elif model_config.get("backbone_checkpoint"):
+        recorded = str(model_config["backbone_checkpoint"])
+        resolved = resolve_checkpoint_path(recorded, directory)
+        if manifest is None and not resolved.is_file() and Path(recorded).is_file():
+            resolved = Path(recorded)  # verify=False on an older run: its path was relative to the working directory
+        model_config["backbone_checkpoint"] = str(resolved)
     model_config["methods"] = []
     model_config["train_backbone"] = False
     # A host neither pretrained nor loaded from a file was randomly initialised right after
@@ -485,6 +512,9 @@ def load_segmentor(directory: str | os.PathLike, map_location: str | torch.devic
         backbone = build_backbone(model_config)
     if (directory / "adapters").is_dir():
         load_adapters(backbone, directory / "adapters")
+    if manifest is not None and injected_methods(backbone) != list(manifest["methods"]):
+        raise RunManifestError(f"{directory / 'adapters'} holds {injected_methods(backbone)} but the run was saved "
+                               f"with {manifest['methods']}")
     settings = info["settings"]
     if settings["head"] == "mask2former":
         from .mask2former import Mask2FormerSegmentor
