@@ -244,3 +244,115 @@ def test_backbone_checkpoint_is_found_from_any_directory_and_its_hash_checked(tm
     save_file({k: v.contiguous() for k, v in host.state_dict().items()}, str(tmp_path / "out" / "pre" / "backbone.safetensors"))
     with pytest.raises(RunManifestError, match=r"backbone checkpoint .*backbone\.safetensors changed"):
         load_segmentor(tmp_path / "out" / "rein")
+
+
+# ------------------------------------------------------------------ resume, overwrite, guard, log (items 8, 9, 15)
+def _split_run(tmp_path, **train_options):
+    from test_seg_training import _config
+    from vfm_adapters.seg.training import train
+
+    config = _config(tmp_path / "run", iterations=6, **train_options)
+    config["data"]["val"] = []
+    train(config, stop_after=3, progress=False, log=lambda s: None)
+    return config
+
+
+@pytest.mark.parametrize("change, named", [
+    (lambda c: c["train"].update(seed=1), "train.seed: 0 -> 1"),
+    (lambda c: c["optim"].update(lr=5e-4), "optim.lr"),
+    (lambda c: c["train"].update(batch_size=4), "train.batch_size"),
+    (lambda c: c["model"]["method_options"]["rein"].update(token_length=8), "model.method_options.rein.token_length"),
+])
+def test_resume_refuses_a_changed_config_and_leaves_the_run_alone(tmp_path, one_thread, change, named):
+    import copy
+
+    from vfm_adapters.seg.training import train
+
+    config = _split_run(tmp_path)
+    before = {name: (tmp_path / "run" / name).read_bytes() for name in ("config.json", "checkpoint.pt", "log.jsonl")}
+    changed = copy.deepcopy(config)
+    change(changed)
+    with pytest.raises(ConfigError, match=named.replace(".", r"\.")):
+        train(changed, resume=True, progress=False, log=lambda s: None)
+    assert {name: (tmp_path / "run" / name).read_bytes() for name in before} == before
+
+
+def test_resume_accepts_safe_changes_and_keeps_the_log_consistent(tmp_path, one_thread):
+    import copy
+    import time
+
+    from vfm_adapters.seg.training import train
+
+    config = _split_run(tmp_path)
+    log = tmp_path / "run" / "log.jsonl"
+    entries = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [e["step"] for e in entries] == [1, 2, 3]
+    # a killed run had logged steps past its last checkpoint
+    with open(log, "a") as stream:
+        for step in (4, 5):
+            stream.write(json.dumps({"step": step, "loss": 1.0, "lr": 0.0, "seconds": 999.0}) + "\n")
+    time.sleep(0.05)
+    safe = copy.deepcopy(config)
+    safe["train"].update(iterations=7, log_interval=1, eval_interval=0)
+    safe["eval"].update(stride=12)
+    outcome = train(safe, resume=True, progress=False, log=lambda s: None, evaluate_at_end=False)
+    assert outcome["finished"] and outcome["step"] == 7
+    entries = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [e["step"] for e in entries] == [1, 2, 3, 4, 5, 6, 7]  # each step once
+    seconds = [e["seconds"] for e in entries]
+    assert seconds == sorted(seconds) and seconds[3] >= seconds[2] and max(seconds) < 999  # cumulative, no restart
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["train"]["iterations"] == 7
+
+
+def test_a_killed_overwrite_leaves_the_old_run_whole_aside_not_mixed(tmp_path, one_thread, monkeypatch):
+    from test_seg_training import _config
+    from vfm_adapters.seg import training
+
+    config = _config(tmp_path / "run", iterations=1)
+    config["data"]["val"] = []
+    training.train(config, progress=False, log=lambda s: None)
+    old = {p.relative_to(tmp_path / "run").as_posix(): p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()}
+    (tmp_path / "run" / "my_notes.txt").write_text("not the run's")
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(training, "segmentation_loss", killed)
+    with pytest.raises(KeyboardInterrupt):
+        training.train(config, overwrite=True, progress=False, log=lambda s: None)
+    run = tmp_path / "run"
+    asides = list(run.glob(".replaced-*"))
+    assert len(asides) == 1
+    assert {p.relative_to(asides[0]).as_posix(): p.read_bytes() for p in asides[0].rglob("*") if p.is_file()} == old
+    assert not any((run / name).exists() for name in ("head.safetensors", "adapters", "segmentor.json", "manifest.json"))
+    assert (run / "my_notes.txt").read_text() == "not the run's"
+    monkeypatch.undo()
+    training.train(config, overwrite=True, progress=False, log=lambda s: None)
+    assert len(list(run.glob(".replaced-*"))) == 1  # the interrupted one is kept (the user may want it back)
+    assert (run / "my_notes.txt").exists()
+
+
+def test_one_guard_for_train_demo_and_adapt(tmp_path, one_thread):
+    from vfm_adapters.cli import main
+    from vfm_adapters.seg.run_dir import RunDirectoryError
+    from vfm_adapters.seg.training import train
+
+    from test_seg_training import _config
+
+    # a finished demo: per-method runs and the summary; a plain second demo must not replace them
+    demo = tmp_path / "demo"
+    (demo / "rein").mkdir(parents=True)
+    (demo / "rein" / "head.safetensors").write_bytes(b"trained")
+    (demo / "results.json").write_text("{}")
+    with pytest.raises(RunDirectoryError, match=r"already holds a run \(results.json, rein\)"):
+        main(["demo", "--tiny", "--output", str(demo), "--no-progress", "--threads", "1", "--methods", "rein"])
+    assert (demo / "rein" / "head.safetensors").read_bytes() == b"trained"
+    # train sees every run file, not only three names
+    for name in ("segmentor.json", "manifest.json", "log.jsonl", "results.json"):
+        run = tmp_path / f"only_{name}"
+        run.mkdir()
+        (run / name).write_text("{}")
+        with pytest.raises(ConfigError, match="already holds a run"):
+            train(_config(run, iterations=1), progress=False, log=lambda s: None)
+    with pytest.raises(ConfigError, match="exclude each other"):
+        train(_config(tmp_path / "x", iterations=1), resume=True, overwrite=True, progress=False, log=lambda s: None)

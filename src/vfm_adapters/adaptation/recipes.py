@@ -56,6 +56,7 @@ from .._io import write_atomically
 from ..seg import training as seg_training
 from ..seg.datasets import build_dataset
 from ..seg.heads import HEADS, Segmentor
+from ..seg.run_dir import check_run_dir, discard_replaced, prepare_run_dir
 from ..seg.sampling import AugmentedStream, StreamSampler
 from ..seg.transforms import train_transform
 from .dacs import DACSConfig, DACSTrainer, RareClassSampler, class_pixel_counts, warmup_poly_lambda
@@ -276,13 +277,8 @@ def train_adaptation(config: str | os.PathLike | Mapping[str, Any], iterations: 
         config["train"]["iterations"] = int(iterations)
     tc, dc, mc = config["train"], config["data"], config["model"]
     output_dir = Path(tc["output_dir"])
-    run_files = ("decoder.safetensors", "head.safetensors", "adapters", "results.json", "log.jsonl")
-    existing = [name for name in run_files if (output_dir / name).exists()]
-    if existing and not overwrite:
-        raise seg_training.ConfigError(
-            f"{output_dir} already holds a run ({', '.join(existing)}): pass overwrite=True (--overwrite) to "
-            "replace it, or choose another train.output_dir"
-        )
+    # the same guard as train and demo; the old run is moved aside only once the new one is ready to start
+    check_run_dir(output_dir, overwrite=overwrite, resumable=False, error=seg_training.ConfigError)
     say = log or (lambda _: None)
     seed = int(tc["seed"])
     random.seed(seed)
@@ -315,9 +311,7 @@ def train_adaptation(config: str | os.PathLike | Mapping[str, Any], iterations: 
     source = iter(_loader(dc["source"], transform(dc["scale"]), batch, seed, total * batch, workers, sampler))
     target = iter(_loader(dc[unlabelled_key], transform(dc["target_scale"]), batch, seed + 1, total * batch, workers))
 
-    output_dir.mkdir(parents=True, exist_ok=True)
-    if (output_dir / "log.jsonl").exists():
-        (output_dir / "log.jsonl").unlink()  # overwrite: a new run starts a new log
+    replaced = prepare_run_dir(output_dir, overwrite=overwrite, resumable=False, error=seg_training.ConfigError)
     write_atomically(output_dir / "config.json",
                      lambda path: Path(path).write_text(json.dumps(config, indent=2, default=str) + "\n"))
     started, out = time.perf_counter(), {"loss": float("nan")}
@@ -346,5 +340,6 @@ def train_adaptation(config: str | os.PathLike | Mapping[str, Any], iterations: 
         write_atomically(output_dir / "results.json",
                          lambda path: Path(path).write_text(json.dumps(results, indent=2) + "\n"))
         say(json.dumps({k: round(v["mIoU"], 2) for k, v in results.items()}))
+    discard_replaced(replaced)
     return {"step": total, "loss": out["loss"], "results": results, "output_dir": str(output_dir),
             "model": model, "trainer": trainer}

@@ -93,6 +93,7 @@ from .datasets import build_dataset
 from .heads import Segmentor, segmentation_loss
 from .inference import evaluate
 from .label_checks import check_dataset_labels, check_label_range
+from .run_dir import check_run_dir, discard_replaced, prepare_run_dir, truncate_log
 from .manifest import RunManifestError, resolve_checkpoint_path, stored_checkpoint_path, verify_run, write_manifest
 from .metrics import results_table
 from .sampling import AugmentedStream, StreamSampler
@@ -404,18 +405,21 @@ def trained_state(model: Segmentor) -> dict[str, torch.Tensor]:
     return state
 
 
-def save_checkpoint(path: Path, model: Segmentor, optimizer, scheduler, step: int, config: Mapping[str, Any]) -> None:
-    """Writes the resumable training state atomically."""
+def save_checkpoint(path: Path, model: Segmentor, optimizer, scheduler, step: int, config: Mapping[str, Any],
+                    seconds: float = 0.0) -> None:
+    """Writes the resumable training state atomically (``seconds``: training time so far, over resumes)."""
     payload = {
         "step": step, "model": trained_state(model), "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(), "rng": _rng_state(), "config": json.dumps(config, sort_keys=True),
+        "seconds": float(seconds),
     }
     write_atomically(path, lambda temporary: torch.save(payload, temporary))
 
 
-def load_checkpoint(path: Path, model: Segmentor, optimizer, scheduler) -> int:
-    """Restores a checkpoint written by :func:`save_checkpoint`; returns its step."""
-    payload = torch.load(path, map_location="cpu", weights_only=True)
+def load_checkpoint(path: Path, model: Segmentor, optimizer, scheduler, payload: Mapping[str, Any] | None = None) -> int:
+    """Restores a checkpoint written by :func:`save_checkpoint` (``payload``: its content, if already read); returns its step."""
+    if payload is None:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
     expected = trained_state(model)
     if set(payload["model"]) != set(expected):
         missing, extra = sorted(set(expected) - set(payload["model"])), sorted(set(payload["model"]) - set(expected))
@@ -431,6 +435,53 @@ def load_checkpoint(path: Path, model: Segmentor, optimizer, scheduler) -> int:
     scheduler.load_state_dict(payload["scheduler"])
     _set_rng_state(payload["rng"])
     return int(payload["step"])
+
+
+#: Config keys that may differ between a checkpoint and the config that resumes it: they
+#: change neither the model nor the data stream (``train.iterations`` extends or shortens
+#: the poly schedule, as a resumed run is expected to).
+RESUME_SAFE_KEYS = ("train.iterations", "train.log_interval", "train.checkpoint_interval", "train.eval_interval",
+                    "train.output_dir", "eval", "data.val", "data.num_workers")
+
+
+def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, Mapping) and value:
+        flat: dict[str, Any] = {}
+        for key, item in value.items():
+            flat.update(_flatten(item, f"{prefix}.{key}" if prefix else str(key)))
+        return flat
+    return {prefix: value}
+
+
+def config_differences(stored: Mapping[str, Any], current: Mapping[str, Any],
+                       safe: tuple[str, ...] = RESUME_SAFE_KEYS) -> list[str]:
+    """``"key: old -> new"`` for every config value that differs, except under the ``safe`` keys.
+
+    Example:
+        >>> config_differences({"train": {"seed": 0, "iterations": 5}}, {"train": {"seed": 1, "iterations": 9}})
+        ['train.seed: 0 -> 1']
+    """
+    old, new = _flatten(json.loads(json.dumps(stored))), _flatten(json.loads(json.dumps(current)))
+    changed = []
+    for key in sorted(set(old) | set(new)):
+        if any(key == s or key.startswith(s + ".") for s in safe):
+            continue
+        if old.get(key, "<absent>") != new.get(key, "<absent>"):
+            changed.append(f"{key}: {old.get(key, '<absent>')!r} -> {new.get(key, '<absent>')!r}")
+    return changed
+
+
+def check_resumed_config(stored: str | Mapping[str, Any] | None, config: Mapping[str, Any], path: Path) -> None:
+    """Refuses to resume a checkpoint with a config that differs beyond :data:`RESUME_SAFE_KEYS`, naming the keys."""
+    if stored is None:
+        return  # a checkpoint of an older version: nothing to compare
+    stored = json.loads(stored) if isinstance(stored, str) else stored
+    changed = config_differences(stored, config)
+    if changed:
+        raise ConfigError(
+            f"cannot resume {path}: the config differs from the one it was trained with ({'; '.join(changed[:8])}"
+            f"{'; ...' if len(changed) > 8 else ''}). On --resume only train.iterations, eval.*, data.val and the "
+            "log/checkpoint/eval intervals may change; start a new run (another output_dir, or --overwrite) for the rest")
 
 
 def save_segmentor(model: Segmentor, directory: str | os.PathLike, model_config: Mapping[str, Any],
@@ -583,15 +634,8 @@ def train(config: str | os.PathLike | Mapping[str, Any], resume: bool = False, s
     accelerator = Accelerator(mixed_precision=_mixed_precision(tc["mixed_precision"]))
     say = log or accelerator.print
     output_dir = Path(tc["output_dir"])
-    existing = [name for name in (CHECKPOINT_NAME, "head.safetensors", "adapters") if (output_dir / name).exists()]
-    if existing and not (resume or overwrite):
-        raise ConfigError(
-            f"{output_dir} already holds a run ({', '.join(existing)}): pass resume=True (--resume) to continue it, "
-            "overwrite=True (--overwrite) to start over and replace it, or choose another train.output_dir"
-        )
-    if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    # refuse early; the old run is moved aside (overwrite) only once everything else checked out
+    check_run_dir(output_dir, resume=resume, overwrite=overwrite, error=ConfigError)
     if not dc["train"]:
         raise ConfigError("data.train is empty: list at least one training dataset")
 
@@ -608,10 +652,13 @@ def train(config: str | os.PathLike | Mapping[str, Any], resume: bool = False, s
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: poly_factor(
         step, total, oc["poly_power"], oc["warmup_iters"], oc["warmup_ratio"], min_ratio))
 
-    start = 0
+    start, elapsed = 0, 0.0
     checkpoint_path = output_dir / CHECKPOINT_NAME
     if resume and checkpoint_path.is_file():
-        start = load_checkpoint(checkpoint_path, model, optimizer, scheduler)
+        payload = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+        check_resumed_config(payload.get("config"), config, checkpoint_path)
+        start = load_checkpoint(checkpoint_path, model, optimizer, scheduler, payload=payload)
+        elapsed = float(payload.get("seconds", -1.0))
         say(f"resumed from {checkpoint_path} at step {start}/{total}")
     elif resume:
         say(f"no checkpoint at {checkpoint_path}; starting from scratch")
@@ -639,8 +686,18 @@ def train(config: str | os.PathLike | Mapping[str, Any], resume: bool = False, s
 
     val_sets = build_val_sets(config) if accelerator.is_main_process and dc["val"] else {}
     log_path = output_dir / "log.jsonl"
-    if start == 0 and accelerator.is_main_process and log_path.exists():
-        log_path.unlink()  # a run from scratch (overwrite) starts a new log; a resumed one appends
+    replaced = None
+    if accelerator.is_main_process:
+        # only now, with the checkpoint loaded and the data checked: replace (overwrite) or update the run
+        replaced = prepare_run_dir(output_dir, resume=resume, overwrite=overwrite, error=ConfigError)
+        if replaced is not None:
+            say(f"the previous run in {output_dir} was moved to {replaced}; it is removed when this run ends")
+        write_atomically(output_dir / "config.json",
+                         lambda p: Path(p).write_text(json.dumps(config, indent=2) + "\n"))
+        logged = truncate_log(log_path, start)  # a resumed run logs each step once; a new run starts a new log
+        elapsed = logged if elapsed < 0 else elapsed  # checkpoints of older versions hold no time
+    elapsed = max(elapsed, 0.0)
+    accelerator.wait_for_everyone()
     model.train()
     bar = tqdm(total=total, initial=start, desc="train", disable=not (progress and accelerator.is_main_process),
                dynamic_ncols=True)
@@ -677,7 +734,7 @@ def train(config: str | os.PathLike | Mapping[str, Any], resume: bool = False, s
         done = step + 1
         if accelerator.is_main_process and (done % max(int(tc["log_interval"]), 1) == 0 or done == end):
             entry = {"step": done, "loss": float(np.mean(running)), "lr": scheduler.get_last_lr()[0],
-                     "seconds": round(time.perf_counter() - started, 2)}
+                     "seconds": round(elapsed + time.perf_counter() - started, 2)}  # cumulative over resumes
             running = []
             with open(log_path, "a") as stream:
                 stream.write(json.dumps(entry) + "\n")
@@ -685,7 +742,8 @@ def train(config: str | os.PathLike | Mapping[str, Any], resume: bool = False, s
         if (interval > 0 and done % interval == 0) or done == end:
             accelerator.wait_for_everyone()
             if accelerator.is_main_process:
-                save_checkpoint(checkpoint_path, raw_model, optimizer, scheduler, done, config)
+                save_checkpoint(checkpoint_path, raw_model, optimizer, scheduler, done, config,
+                                seconds=elapsed + time.perf_counter() - started)
             last_saved = done
         if val_sets and tc["eval_interval"] and done % int(tc["eval_interval"]) == 0 and done < total:
             results = evaluate_sets(raw_model, config, val_sets)
@@ -701,6 +759,8 @@ def train(config: str | os.PathLike | Mapping[str, Any], resume: bool = False, s
             results = evaluate_sets(raw_model, config, val_sets)
             (output_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
             say(results_table({Path(output_dir).name: results}))
+    if accelerator.is_main_process:
+        discard_replaced(replaced)
     return {"step": end if start < end else start, "loss": loss_value, "results": results, "output_dir": str(output_dir),
             "seconds": time.perf_counter() - started, "finished": finished, "model": raw_model}
 
