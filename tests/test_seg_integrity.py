@@ -356,3 +356,74 @@ def test_one_guard_for_train_demo_and_adapt(tmp_path, one_thread):
             train(_config(run, iterations=1), progress=False, log=lambda s: None)
     with pytest.raises(ConfigError, match="exclude each other"):
         train(_config(tmp_path / "x", iterations=1), resume=True, overwrite=True, progress=False, log=lambda s: None)
+
+
+# ------------------------------------------------------------------ disk full (item 13)
+def test_disk_full_while_checkpointing_names_the_file_and_keeps_the_previous_checkpoint(tmp_path, one_thread,
+                                                                                         monkeypatch):
+    import builtins
+    import errno
+
+    import vfm_adapters._io as io_module
+    from vfm_adapters._io import DiskWriteError
+    from vfm_adapters.seg.training import train
+
+    config = _split_run(tmp_path)  # checkpoint at step 3
+    checkpoint = tmp_path / "run" / "checkpoint.pt"
+    before = checkpoint.read_bytes()
+
+    class FullDisk:
+        def __init__(self, stream):
+            self.stream, self.written = stream, 0
+
+        def write(self, data):
+            self.written += len(data)
+            if self.written > 4096:  # part of the file is on disk, then the device is full
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return self.stream.write(data)
+
+        def __getattr__(self, name):
+            return getattr(self.stream, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.stream.close()
+
+    def full_open(path, mode="r", *args, **kwargs):
+        stream = builtins.open(path, mode, *args, **kwargs)
+        return FullDisk(stream) if "w" in mode else stream
+
+    monkeypatch.setattr(io_module, "open", full_open, raising=False)
+    with pytest.raises(DiskWriteError, match=r"No space left on device writing .*checkpoint\.pt; the previous "
+                                             r"checkpoint is intact") as info:
+        train(config, resume=True, progress=False, log=lambda s: None)
+    assert info.value.errno == errno.ENOSPC
+    assert checkpoint.read_bytes() == before
+    assert not list((tmp_path / "run").glob(".*.tmp"))
+    monkeypatch.undo()
+    assert train(config, resume=True, progress=False, log=lambda s: None, evaluate_at_end=False)["finished"]
+
+
+@pytest.mark.parametrize("code", ["ENOSPC", "EDQUOT", "EROFS"])
+def test_every_atomic_write_reports_a_full_or_read_only_disk(tmp_path, code):
+    import errno
+
+    from safetensors.torch import save_file
+
+    from vfm_adapters._io import DiskWriteError, write_atomically
+
+    target = tmp_path / "head.safetensors"
+    target.write_bytes(b"old")
+
+    def failing(path):
+        save_file({"w": torch.zeros(2)}, path)
+        raise OSError(getattr(errno, code), "simulated")
+
+    with pytest.raises(DiskWriteError, match=r"writing .*head\.safetensors; the previous head\.safetensors is intact"):
+        write_atomically(target, failing)
+    assert target.read_bytes() == b"old"
+    with pytest.raises(DiskWriteError, match="nothing was written"):
+        write_atomically(tmp_path / "new.json", failing)
+    assert not (tmp_path / "new.json").exists()

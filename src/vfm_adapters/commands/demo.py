@@ -203,6 +203,7 @@ def _run(args: argparse.Namespace, threads: int) -> int:
     from vfm_adapters.seg.inference import evaluate
     from vfm_adapters.seg.metrics import results_table
     from vfm_adapters.seg.synthetic import DOMAINS, SYNTHETIC_CLASSES, SyntheticScenes
+    from vfm_adapters._io import write_atomically
     from vfm_adapters.seg.run_dir import discard_replaced, prepare_run_dir
     from vfm_adapters.seg.training import train
 
@@ -266,8 +267,8 @@ def _run(args: argparse.Namespace, threads: int) -> int:
     save_prediction_grid(grid, models, {d: eval_sets[d] for d in DOMAINS})
     summary = {"results": results, "methods": methods, "arguments": vars(args), "notes": notes,
                "seconds": time.perf_counter() - started}
-    (output / "results.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
-    (output / "results.md").write_text(table + "\n")
+    write_atomically(output / "results.json", lambda p: Path(p).write_text(json.dumps(summary, indent=2, default=str) + "\n"))
+    write_atomically(output / "results.md", lambda p: Path(p).write_text(table + "\n"))
     print(f"\npredictions: {grid}; adapters + heads: {output}/<method>/; table: {output / 'results.md'}")
     print(f"total time {time.perf_counter() - started:.0f}s")
     discard_replaced(replaced)

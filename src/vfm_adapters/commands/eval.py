@@ -119,5 +119,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"{name}: mIoU {results[name]['mIoU']:.2f} on {results[name]['images']} images")
     print(results_table({Path(args.run_dir).name: results}, per_class=args.per_class))
     if args.output:
-        Path(args.output).write_text(json.dumps(results, indent=2) + "\n")
+        from vfm_adapters._io import write_atomically
+
+        write_atomically(args.output, lambda p: Path(p).write_text(json.dumps(results, indent=2) + "\n"))
     return 0

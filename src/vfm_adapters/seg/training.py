@@ -86,7 +86,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from .._io import write_atomically
+from .._io import append_text, torch_save, write_atomically
 from ..checkpoint import save_adapters
 from ..methods.base import adapter_parameters, get_method, inject, injected_methods
 from .datasets import build_dataset
@@ -413,7 +413,7 @@ def save_checkpoint(path: Path, model: Segmentor, optimizer, scheduler, step: in
         "scheduler": scheduler.state_dict(), "rng": _rng_state(), "config": json.dumps(config, sort_keys=True),
         "seconds": float(seconds),
     }
-    write_atomically(path, lambda temporary: torch.save(payload, temporary))
+    write_atomically(path, lambda temporary: torch_save(payload, temporary), what="checkpoint")
 
 
 def load_checkpoint(path: Path, model: Segmentor, optimizer, scheduler, payload: Mapping[str, Any] | None = None) -> int:
@@ -736,8 +736,7 @@ def train(config: str | os.PathLike | Mapping[str, Any], resume: bool = False, s
             entry = {"step": done, "loss": float(np.mean(running)), "lr": scheduler.get_last_lr()[0],
                      "seconds": round(elapsed + time.perf_counter() - started, 2)}  # cumulative over resumes
             running = []
-            with open(log_path, "a") as stream:
-                stream.write(json.dumps(entry) + "\n")
+            append_text(log_path, json.dumps(entry) + "\n")
         interval = int(tc["checkpoint_interval"])
         if (interval > 0 and done % interval == 0) or done == end:
             accelerator.wait_for_everyone()
@@ -757,7 +756,7 @@ def train(config: str | os.PathLike | Mapping[str, Any], resume: bool = False, s
         save_segmentor(raw_model, output_dir, mc, {"seed": seed, "step": end})
         if evaluate_at_end and val_sets:
             results = evaluate_sets(raw_model, config, val_sets)
-            (output_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+            write_atomically(output_dir / "results.json", lambda p: Path(p).write_text(json.dumps(results, indent=2) + "\n"))
             say(results_table({Path(output_dir).name: results}))
     if accelerator.is_main_process:
         discard_replaced(replaced)
