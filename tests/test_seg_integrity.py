@@ -427,3 +427,78 @@ def test_every_atomic_write_reports_a_full_or_read_only_disk(tmp_path, code):
     with pytest.raises(DiskWriteError, match="nothing was written"):
         write_atomically(tmp_path / "new.json", failing)
     assert not (tmp_path / "new.json").exists()
+
+
+# ------------------------------------------------------------------ dataset files (item 14)
+def test_a_fifo_named_like_an_image_is_skipped_or_refused_never_read(tmp_path):
+    import os
+
+    from vfm_adapters.seg import datasets as D
+    from vfm_adapters.seg._png import ImageReadError
+
+    root = _folder(tmp_path / "d", [1, 2])
+    os.mkfifo(root / "images" / "9.png")  # opening it for reading would block forever
+    data = D.FolderDataset(root)
+    assert len(data) == 2 and all("9.png" not in str(image) for image, _ in data.samples)
+    os.mkfifo(root / "labels" / "fifo.png")
+    with pytest.raises(ImageReadError, match="fifo.png is not a regular file"):
+        D.read_label(root / "labels" / "fifo.png")
+    with pytest.raises(ImageReadError, match="9.png is not a regular file"):
+        D.read_image(root / "images" / "9.png")
+
+
+def test_the_16bit_png_path_applies_the_decompression_bomb_limit(tmp_path, monkeypatch):
+    from PIL import Image
+
+    from vfm_adapters.seg._png import decode_png_numpy, read_png, write_png16
+    from vfm_adapters.seg.datasets import read_label
+
+    path = tmp_path / "label.png"
+    write_png16(path, np.zeros((40, 50, 3), np.uint16))  # 2000 pixels
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 999)
+    for reader in (read_png, decode_png_numpy, read_label):
+        with pytest.raises(Image.DecompressionBombError, match="label.png"):
+            reader(path)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1500)
+    with pytest.warns(Image.DecompressionBombWarning):
+        read_png(path)
+
+
+@pytest.mark.parametrize("shape", [(4, 5), (4, 5, 3), (4, 5, 4)])
+def test_16bit_images_are_scaled_not_saturated(tmp_path, shape):
+    from vfm_adapters.seg._png import write_png16
+    from vfm_adapters.seg.datasets import read_image
+
+    values = np.random.default_rng(0).integers(0, 65536, shape).astype(np.uint16)
+    path = tmp_path / "image.png"
+    write_png16(path, values)
+    image = read_image(path).permute(1, 2, 0).numpy()
+    grey = values if values.ndim == 2 else values[..., :3]
+    expected = np.round(grey.astype(np.float64) / 257).astype(np.uint8)
+    expected = np.repeat(expected[..., None], 3, axis=2) if expected.ndim == 2 else expected
+    assert np.array_equal(image, expected)
+
+
+def test_a_truncated_image_error_names_its_path(tmp_path):
+    from PIL import Image
+
+    from vfm_adapters.seg._png import ImageReadError, write_png16
+    from vfm_adapters.seg.datasets import read_image, read_label
+
+    path = tmp_path / "broken.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(path)
+    path.write_bytes(path.read_bytes()[:2000])
+    with pytest.raises(ImageReadError, match="broken.png"):
+        read_image(path)
+    with pytest.raises(ImageReadError, match="broken.png"):
+        read_label(path)
+    sixteen = tmp_path / "broken16.png"
+    write_png16(sixteen, np.random.default_rng(0).integers(0, 65536, (32, 32, 3)).astype(np.uint16))
+    sixteen.write_bytes(sixteen.read_bytes()[:1500])
+    with pytest.raises(ImageReadError, match="broken16.png"):
+        read_label(sixteen, channel=0)
+    jpeg = tmp_path / "broken.jpg"
+    Image.fromarray(np.random.default_rng(1).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(jpeg)
+    jpeg.write_bytes(jpeg.read_bytes()[:800])
+    with pytest.raises(ImageReadError, match="broken.jpg"):
+        read_image(jpeg)
