@@ -354,6 +354,12 @@ def test_one_guard_for_train_demo_and_adapt(tmp_path, one_thread):
         (run / name).write_text("{}")
         with pytest.raises(ConfigError, match="already holds a run"):
             train(_config(run, iterations=1), progress=False, log=lambda s: None)
+    finished = tmp_path / "finished"  # a finished run whose checkpoint was removed (as the demo does)
+    finished.mkdir()
+    (finished / "head.safetensors").write_bytes(b"trained")
+    with pytest.raises(ConfigError, match=r"no checkpoint\.pt but holds a run \(head\.safetensors\)"):
+        train(_config(finished, iterations=1), resume=True, progress=False, log=lambda s: None)
+    assert (finished / "head.safetensors").read_bytes() == b"trained"
     with pytest.raises(ConfigError, match="exclude each other"):
         train(_config(tmp_path / "x", iterations=1), resume=True, overwrite=True, progress=False, log=lambda s: None)
 

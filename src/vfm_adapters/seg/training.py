@@ -93,7 +93,7 @@ from .datasets import build_dataset
 from .heads import Segmentor, segmentation_loss
 from .inference import evaluate
 from .label_checks import check_dataset_labels, check_label_range
-from .run_dir import check_run_dir, discard_replaced, prepare_run_dir, truncate_log
+from .run_dir import check_run_dir, discard_replaced, existing_entries, prepare_run_dir, truncate_log
 from .manifest import RunManifestError, resolve_checkpoint_path, stored_checkpoint_path, verify_run, write_manifest
 from .metrics import results_table
 from .sampling import AugmentedStream, StreamSampler
@@ -661,6 +661,10 @@ def train(config: str | os.PathLike | Mapping[str, Any], resume: bool = False, s
         elapsed = float(payload.get("seconds", -1.0))
         say(f"resumed from {checkpoint_path} at step {start}/{total}")
     elif resume:
+        finished = [name for name in existing_entries(output_dir) if name not in ("config.json", "log.jsonl")]
+        if finished:  # nothing to resume from, but a run's outputs that starting over would replace
+            raise ConfigError(f"cannot resume {output_dir}: it has no {CHECKPOINT_NAME} but holds a run "
+                              f"({', '.join(finished)}); pass --overwrite (overwrite=True) to start over and replace it")
         say(f"no checkpoint at {checkpoint_path}; starting from scratch")
 
     model, optimizer = accelerator.prepare(model, optimizer)
