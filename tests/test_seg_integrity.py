@@ -508,3 +508,21 @@ def test_a_truncated_image_error_names_its_path(tmp_path):
     jpeg.write_bytes(jpeg.read_bytes()[:800])
     with pytest.raises(ImageReadError, match="broken.jpg"):
         read_image(jpeg)
+
+
+def test_config_differences_name_changed_keys_and_skip_safe_or_new_default_ones():
+    import copy
+
+    from vfm_adapters.seg.training import config_differences
+
+    stored = load_config({})
+    current = copy.deepcopy(stored)
+    current["train"]["iterations"] += 10
+    current["eval"]["stride"] = 100
+    current["data"]["val"] = [{"type": "synthetic"}]
+    del stored["optim"]["grad_clip"]  # a checkpoint from a version without this key, now at its default
+    assert config_differences(stored, current) == []
+    current["model"]["method_options"] = {"rein": {"token_length": 50}}
+    current["optim"]["grad_clip"] = 1.0
+    assert config_differences(stored, current) == ["model.method_options.rein.token_length: '<absent>' -> 50",
+                                                   "optim.grad_clip: '<absent>' -> 1.0"]

@@ -445,7 +445,8 @@ RESUME_SAFE_KEYS = ("train.iterations", "train.log_interval", "train.checkpoint_
 
 
 def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(value, Mapping) and value:
+    """``{"a.b": leaf}`` for a nested mapping (an empty mapping has no leaves)."""
+    if isinstance(value, Mapping):
         flat: dict[str, Any] = {}
         for key, item in value.items():
             flat.update(_flatten(item, f"{prefix}.{key}" if prefix else str(key)))
@@ -462,10 +463,13 @@ def config_differences(stored: Mapping[str, Any], current: Mapping[str, Any],
         ['train.seed: 0 -> 1']
     """
     old, new = _flatten(json.loads(json.dumps(stored))), _flatten(json.loads(json.dumps(current)))
+    defaults = _flatten(json.loads(json.dumps(DEFAULTS)))
     changed = []
     for key in sorted(set(old) | set(new)):
         if any(key == s or key.startswith(s + ".") for s in safe):
             continue
+        if key not in old and key in defaults and new.get(key) == defaults[key]:
+            continue  # a key added by a later version, at its default: the same run
         if old.get(key, "<absent>") != new.get(key, "<absent>"):
             changed.append(f"{key}: {old.get(key, '<absent>')!r} -> {new.get(key, '<absent>')!r}")
     return changed
