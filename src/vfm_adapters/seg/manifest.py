@@ -136,7 +136,9 @@ def write_manifest(directory: str | os.PathLike, methods: Iterable[str], model_c
     }
     if backbone_checkpoint:
         resolved = resolve_checkpoint_path(str(backbone_checkpoint), directory)
-        manifest["backbone_checkpoint"] = {"path": str(backbone_checkpoint), "sha256": file_sha256(resolved)}
+        # a file moved away during training must not make the final save fail: recorded as unknown
+        digest = file_sha256(resolved) if resolved.is_file() else None
+        manifest["backbone_checkpoint"] = {"path": str(backbone_checkpoint), "sha256": digest}
     text = json.dumps(manifest, indent=2) + "\n"
     write_atomically(directory / MANIFEST_NAME, lambda path: Path(path).write_text(text))
     return manifest
@@ -182,6 +184,10 @@ def verify_run(directory: str | os.PathLike, model_config: Mapping[str, Any] | N
         if not resolved.is_file():
             raise RunManifestError(f"backbone checkpoint {resolved} (recorded as {backbone['path']!r} in {path}) "
                                    "not found")
+        if backbone.get("sha256") is None:
+            raise RunManifestError(f"backbone checkpoint {resolved} was missing when the run was saved, so {path} "
+                                   "holds no hash to check it against; load with verify=False (--no-verify) if it is "
+                                   "the file the run was trained with")
         if file_sha256(resolved) != backbone["sha256"]:
             raise RunManifestError(f"backbone checkpoint {resolved} changed since the run was saved "
                                    f"(its SHA-256 differs from {path}): the adapters were trained on other weights")
