@@ -89,9 +89,9 @@ def test_sliding_window_equals_whole_image_when_one_crop_covers_it():
     images = torch.randn(2, 3, 32, 32)
     whole = whole_inference(model, images)
     assert torch.equal(slide_inference(model, images, 4, crop=32, stride=21), whole)
-    # a transformer sees the padding of a smaller image, so only shapes are comparable there
-    small = torch.randn(1, 3, 24, 16)
-    assert slide_inference(model, small, 4, crop=32, stride=21).shape == (1, 4, 24, 16)
+    # an image smaller than the crop is one window, unpadded (as in mmseg): the same as whole-image inference
+    small = torch.randn(1, 3, 24, 32)
+    assert torch.equal(slide_inference(model, small, 4, crop=40, stride=21), whole_inference(model, small))
     # overlapping windows on a larger image average every pixel at least once
     large = slide_inference(model, torch.randn(1, 3, 48, 64), 4, crop=32, stride=16)
     assert large.shape == (1, 4, 48, 64) and torch.isfinite(large).all()

@@ -58,6 +58,7 @@ from .._io import write_atomically
 from ..seg import training as seg_training
 from ..seg.datasets import build_dataset
 from ..seg.heads import HEADS, Segmentor
+from ..seg.run_dir import check_run_dir, discard_replaced, prepare_run_dir, truncate_log
 from ..seg.sampling import AugmentedStream, StreamSampler
 from ..seg.transforms import (Compose, Normalize, PhotoMetricDistortion, RandomCrop, RandomFlip, RandomRescale,
                               Resize)
@@ -467,14 +468,8 @@ def train_adaptation(config: str | os.PathLike | Mapping[str, Any], iterations: 
         config["train"]["iterations"] = int(iterations)
     tc, dc, mc = config["train"], config["data"], config["model"]
     output_dir = Path(tc["output_dir"])
-    run_files = ("decoder.safetensors", "head.safetensors", "adapters", "results.json", "log.jsonl")
-    existing = [name for name in run_files if (output_dir / name).exists()]
-    overwrite = overwrite or bool(resume)  # resuming continues the run in place (as seg.training's guard)
-    if existing and not overwrite:
-        raise seg_training.ConfigError(
-            f"{output_dir} already holds a run ({', '.join(existing)}): pass overwrite=True (--overwrite) to "
-            "replace it, or choose another train.output_dir"
-        )
+    # the same guard as train and demo; the old run is moved aside only once the new one is ready to start
+    check_run_dir(output_dir, resume=resume, overwrite=overwrite, error=seg_training.ConfigError)
     say = log or (lambda _: None)
     from tqdm.auto import tqdm
 
@@ -548,9 +543,8 @@ def train_adaptation(config: str | os.PathLike | Mapping[str, Any], iterations: 
         target = iter(_loader(dc[unlabelled_key], transform(dc["target_scale"]), batch, seed + 1, count, workers,
                               start=start * batch))
 
-    output_dir.mkdir(parents=True, exist_ok=True)
-    if start == 0 and (output_dir / "log.jsonl").exists():
-        (output_dir / "log.jsonl").unlink()  # a new run starts a new log; a resumed one appends
+    replaced = prepare_run_dir(output_dir, resume=resume, overwrite=overwrite, error=seg_training.ConfigError)
+    truncate_log(output_dir / "log.jsonl", start)  # a new run starts a new log; a resumed one keeps steps <= start
     write_atomically(output_dir / "config.json",
                      lambda path: Path(path).write_text(json.dumps(config, indent=2, default=str) + "\n"))
     started, out = time.perf_counter(), {"loss": float("nan")}
@@ -596,5 +590,6 @@ def train_adaptation(config: str | os.PathLike | Mapping[str, Any], iterations: 
         write_atomically(output_dir / "results.json",
                          lambda path: Path(path).write_text(json.dumps(results, indent=2) + "\n"))
         say(json.dumps({k: round(v["mIoU"], 2) for k, v in results.items()}))
+    discard_replaced(replaced)
     return {"step": total, "loss": out["loss"], "results": results, "output_dir": str(output_dir),
             "model": model, "trainer": trainer}

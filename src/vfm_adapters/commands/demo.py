@@ -53,6 +53,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tiny", action="store_true",
                         help="a seconds-long smoke run (tiny model, few steps and images) for tests")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an earlier demo's results in --output (moved aside first, removed at the end)")
 
 
 def _apply_tiny(args: argparse.Namespace) -> None:
@@ -95,6 +97,17 @@ def demo_config(args: argparse.Namespace, methods: list[str], output: Path, pret
                   "seed": args.seed, "log_interval": 10, "checkpoint_interval": 0, "output_dir": str(output)},
         "eval": {"mode": "whole"},
     }
+
+
+def demo_entries(output: Path) -> list[str]:
+    """What an earlier demo wrote into ``output``: its summary files and the run folders
+    (``pretrained_backbone``, one per method) that hold a run. Other files are not the demo's."""
+    from vfm_adapters.methods.base import available_methods
+    from vfm_adapters.seg.run_dir import existing_entries
+
+    folders = ["pretrained_backbone", "freeze", "full", *available_methods()]
+    runs = [name for name in folders if (output / name).is_dir() and existing_entries(output / name)]
+    return ["results.json", "results.md", "predictions.png", *runs]
 
 
 def _method_options_for(name: str, options: dict) -> dict:
@@ -168,6 +181,8 @@ def _run(args: argparse.Namespace, threads: int) -> int:
     from vfm_adapters.seg.inference import evaluate
     from vfm_adapters.seg.metrics import results_table
     from vfm_adapters.seg.synthetic import DOMAINS, SYNTHETIC_CLASSES, SyntheticScenes
+    from vfm_adapters._io import write_atomically
+    from vfm_adapters.seg.run_dir import discard_replaced, prepare_run_dir
     from vfm_adapters.seg.training import train
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -177,7 +192,8 @@ def _run(args: argparse.Namespace, threads: int) -> int:
         print(f"unknown method(s) {unknown}; available here: {sorted(known)}")
         return 2
     output = Path(args.output)
-    output.mkdir(parents=True, exist_ok=True)
+    # the same guard as train/adapt: an earlier demo's runs are never silently replaced
+    replaced = prepare_run_dir(output, demo_entries(output), overwrite=args.overwrite, resumable=False)
     started = time.perf_counter()
     progress = not args.no_progress
 
@@ -229,8 +245,9 @@ def _run(args: argparse.Namespace, threads: int) -> int:
     save_prediction_grid(grid, models, {d: eval_sets[d] for d in DOMAINS})
     summary = {"results": results, "methods": methods, "arguments": vars(args), "notes": notes,
                "seconds": time.perf_counter() - started}
-    (output / "results.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
-    (output / "results.md").write_text(table + "\n")
+    write_atomically(output / "results.json", lambda p: Path(p).write_text(json.dumps(summary, indent=2, default=str) + "\n"))
+    write_atomically(output / "results.md", lambda p: Path(p).write_text(table + "\n"))
     print(f"\npredictions: {grid}; adapters + heads: {output}/<method>/; table: {output / 'results.md'}")
     print(f"total time {time.perf_counter() - started:.0f}s")
+    discard_replaced(replaced)
     return 0

@@ -27,13 +27,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resize", action="append", default=[], metavar="NAME=WxH",
                         help="run inference at this size for dataset NAME (logits resized back), e.g. citys=1024x512")
     parser.add_argument("--mode", choices=("slide", "whole"), default=None, help="inference mode (default: config's)")
-    parser.add_argument("--crop", type=int, default=None, help="sliding-window size (default: config's, 512)")
-    parser.add_argument("--stride", type=int, default=None, help="sliding-window stride (default: config's, 341)")
-    parser.add_argument("--limit", type=int, default=None, help="evaluate the first N images of each dataset only")
+    parser.add_argument("--crop", type=_positive_int, default=None, help="sliding-window size (default: config's, 512)")
+    parser.add_argument("--stride", type=_positive_int, default=None, help="sliding-window stride (default: config's, 341)")
+    parser.add_argument("--limit", type=_positive_int, default=None, help="evaluate the first N images of each dataset only")
     parser.add_argument("--per-class", action="store_true", help="also print per-class IoU")
     parser.add_argument("--device", default=None, help="device (default: cuda when available, else cpu)")
     parser.add_argument("--output", default=None, help="write the results as JSON here")
     add_threads_argument(parser)
+    parser.add_argument("--no-verify", action="store_true",
+                        help="load a run without checking its files against manifest.json (runs saved before manifests)")
+
+
+def _positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (0 or a negative value is refused, never replaced by a default)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
 
 
 def parse_data(spec: str) -> tuple[str, dict]:
@@ -79,7 +92,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     from vfm_adapters.seg.training import load_segmentor
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model, info = load_segmentor(args.run_dir, map_location=device)
+    model, info = load_segmentor(args.run_dir, map_location=device, verify=not args.no_verify)
     config_path = Path(args.run_dir) / "config.json"
     config = json.loads(config_path.read_text()) if config_path.is_file() else {}
     eval_cfg = {"mode": "slide", "crop": 512, "stride": 341, **config.get("eval", {})}
@@ -102,10 +115,13 @@ def _evaluate(args: argparse.Namespace) -> int:
         dataset = build_dataset(entry)
         size = resize.get(name) or (tuple(entry["resize"]) if entry.get("resize") else None)
         results[name] = evaluate(model, dataset, num_classes, mode=args.mode or eval_cfg["mode"],
-                                 crop=args.crop or int(eval_cfg["crop"]), stride=args.stride or int(eval_cfg["stride"]),
+                                 crop=int(eval_cfg["crop"]) if args.crop is None else args.crop,
+                                 stride=int(eval_cfg["stride"]) if args.stride is None else args.stride,
                                  resize=size, mean=model.mean, std=model.std, limit=args.limit, progress=True)
         print(f"{name}: mIoU {results[name]['mIoU']:.2f} on {results[name]['images']} images")
     print(results_table({Path(args.run_dir).name: results}, per_class=args.per_class))
     if args.output:
-        Path(args.output).write_text(json.dumps(results, indent=2) + "\n")
+        from vfm_adapters._io import write_atomically
+
+        write_atomically(args.output, lambda p: Path(p).write_text(json.dumps(results, indent=2) + "\n"))
     return 0

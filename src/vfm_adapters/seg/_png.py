@@ -6,19 +6,80 @@ every sample, so a SYNTHIA label holding class 10 in a 16-bit channel reads back
 when torchvision is installed (fast, returns ``uint16``), otherwise with a small
 pure-numpy decoder (zlib + the five PNG scanline filters). Every other PNG goes
 through Pillow.
+
+Every reader here opens regular files only (a FIFO named ``*.png`` would block forever),
+applies Pillow's decompression-bomb pixel limit (``PIL.Image.MAX_IMAGE_PIXELS``) to the
+16-bit path too, and names the file in any decoding error (e.g. a truncated file).
+:func:`read_rgb` converts 16-bit images to 8 bits by scaling (``round(v / 257)``)
+rather than letting Pillow clip them to white.
 """
 
 from __future__ import annotations
 
 import os
+import stat
 import struct
+import warnings
 import zlib
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
 _SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _CHANNELS = {0: 1, 2: 3, 4: 2, 6: 4}  # colour type -> samples per pixel (palette excluded)
+
+
+class ImageReadError(OSError):
+    """An image or label file that cannot be read (not a regular file, truncated, corrupt); names the file."""
+
+
+def require_regular_file(path: str | os.PathLike) -> None:
+    """Refuses anything but a regular file (or a link to one) before it is opened.
+
+    Example:
+        >>> import tempfile
+        >>> require_regular_file(tempfile.mkdtemp())  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        vfm_adapters.seg._png.ImageReadError: ... is not a regular file ...
+    """
+    mode = os.stat(path).st_mode
+    if not stat.S_ISREG(mode):
+        raise ImageReadError(f"{path} is not a regular file (a directory, FIFO, socket or device); image and label "
+                             "files must be regular files")
+
+
+def check_pixel_limit(path: str | os.PathLike, width: int, height: int) -> None:
+    """Pillow's decompression-bomb rule for a file decoded without Pillow: a warning above
+    ``PIL.Image.MAX_IMAGE_PIXELS``, an error above twice that (``None`` disables it)."""
+    from PIL import Image
+
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit is None:
+        return
+    pixels = int(width) * int(height)
+    if pixels > 2 * limit:
+        raise Image.DecompressionBombError(
+            f"{path}: {width}x{height} = {pixels} pixels exceeds twice PIL.Image.MAX_IMAGE_PIXELS ({limit}), a possible "
+            "decompression bomb; raise PIL.Image.MAX_IMAGE_PIXELS if the file is trusted")
+    if pixels > limit:
+        warnings.warn(f"{path}: {pixels} pixels exceeds PIL.Image.MAX_IMAGE_PIXELS ({limit}), a possible "
+                      "decompression bomb", Image.DecompressionBombWarning, stacklevel=3)
+
+
+@contextmanager
+def naming_errors(path: str | os.PathLike) -> Iterator[None]:
+    """Re-raises a decoder's error (e.g. Pillow's "image file is truncated") as :class:`ImageReadError` naming ``path``."""
+    from PIL import Image
+
+    try:
+        yield
+    except (ImageReadError, FileNotFoundError, Image.DecompressionBombError):
+        raise
+    except (OSError, SyntaxError, ValueError, EOFError, zlib.error, struct.error, RuntimeError) as error:
+        raise ImageReadError(f"cannot read {path}: {error}") from error
 
 
 def png_header(path: str | os.PathLike) -> dict[str, int]:
@@ -31,6 +92,7 @@ def png_header(path: str | os.PathLike) -> dict[str, int]:
         >>> png_header(path)["bit_depth"]
         16
     """
+    require_regular_file(path)
     with open(path, "rb") as stream:
         head = stream.read(33)
     if len(head) < 33 or head[:8] != _SIGNATURE or head[12:16] != b"IHDR":
@@ -109,7 +171,9 @@ def decode_png_numpy(path: str | os.PathLike) -> np.ndarray:
         raise ValueError(f"{path}: only non-interlaced 8/16-bit grey or RGB(A) PNGs are supported by the numpy decoder")
     channels = _CHANNELS[colour]
     bpp = channels * depth // 8
-    pixels = _unfilter(zlib.decompress(b"".join(idat)), height, width, bpp)
+    check_pixel_limit(path, width, height)
+    expected = height * (width * bpp + 1)  # decompress no more than the image can hold (a zlib bomb)
+    pixels = _unfilter(zlib.decompressobj().decompress(b"".join(idat), expected + 1), height, width, bpp)
     if depth == 16:
         array = pixels.reshape(height, width * channels, 2)
         values = (array[..., 0].astype(np.uint16) << 8) | array[..., 1].astype(np.uint16)
@@ -133,6 +197,7 @@ def read_png(path: str | os.PathLike) -> np.ndarray:
     """
     header = png_header(path)
     if header["bit_depth"] == 16 and header["colour_type"] in (2, 4, 6):
+        check_pixel_limit(path, header["width"], header["height"])
         try:
             import warnings
 
@@ -147,12 +212,66 @@ def read_png(path: str | os.PathLike) -> np.ndarray:
                 warnings.simplefilter("ignore", DeprecationWarning)
                 decoded = decode_png(raw, mode=ImageReadMode.UNCHANGED)
             return decoded.permute(1, 2, 0).numpy().astype(np.uint16)
-        except Exception:  # torchvision missing or too old for 16-bit output
-            return decode_png_numpy(path)
+        except Exception:  # torchvision missing or too old for 16-bit output (or a damaged file: named below)
+            with naming_errors(path):
+                return decode_png_numpy(path)
     from PIL import Image
 
-    with Image.open(path) as image:
+    with naming_errors(path), Image.open(path) as image:
         return np.asarray(image)
+
+
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+
+
+def _to_rgb8(array: np.ndarray) -> np.ndarray:
+    """``(H, W[, C])`` uint8/uint16 -> ``(H, W, 3)`` uint8: 16-bit values scaled (not clipped), grey repeated, alpha dropped."""
+    if array.dtype == np.uint16:
+        array = ((array.astype(np.uint32) + 128) // 257).astype(np.uint8)
+    if array.ndim == 2:
+        array = array[..., None]
+    channels = array.shape[2]
+    if channels in (1, 2):
+        array = np.repeat(array[..., :1], 3, axis=2)
+    elif channels == 4:
+        array = array[..., :3]
+    return np.ascontiguousarray(array)
+
+
+def read_rgb(path: str | os.PathLike) -> np.ndarray:
+    """Reads an image file as ``(H, W, 3)`` ``uint8`` RGB.
+
+    8-bit files go through Pillow; 16-bit PNGs (grey or colour) and 16-bit grey files
+    of other formats are scaled to 8 bits (``round(v / 257)``), where Pillow would clip
+    grey values above 255 to white; 32-bit integer or float images are refused.
+
+    Raises:
+        ImageReadError: Not a regular file, unsupported mode, or a damaged file (the
+            message names it).
+        PIL.Image.DecompressionBombError: More than twice ``MAX_IMAGE_PIXELS`` pixels.
+
+    Example:
+        >>> import tempfile, numpy as np, os
+        >>> path = os.path.join(tempfile.mkdtemp(), "x.png")
+        >>> write_png16(path, np.full((2, 3), 30000, dtype=np.uint16))
+        >>> read_rgb(path)[0, 0].tolist()
+        [117, 117, 117]
+    """
+    from PIL import Image
+
+    require_regular_file(path)
+    with naming_errors(path):
+        with open(path, "rb") as stream:
+            is_png = stream.read(8) == _SIGNATURE
+        if is_png and png_header(path)["bit_depth"] == 16:
+            return _to_rgb8(read_png(path))
+        with Image.open(path) as image:
+            if image.mode in _SIXTEEN_BIT_MODES:
+                return _to_rgb8(np.asarray(image).astype(np.uint16))
+            if image.mode in ("I", "F"):
+                raise ImageReadError(f"{path} is a 32-bit {'float' if image.mode == 'F' else 'integer'} image; "
+                                     "input images must be 8- or 16-bit")
+            return np.asarray(image.convert("RGB"))
 
 
 def write_png16(path: str | os.PathLike, array: np.ndarray, filters: tuple[int, ...] = (0,)) -> None:

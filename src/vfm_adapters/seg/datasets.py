@@ -24,7 +24,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from ._png import read_png
+from ._png import naming_errors, read_png, read_rgb, require_regular_file
 
 IGNORE_INDEX = 255
 
@@ -83,10 +83,8 @@ def make_lut(mapping: Mapping[int, int] | None, size: int = 65536, ignore_index:
 
 
 def read_image(path: str | os.PathLike) -> torch.Tensor:
-    """Reads an image file as a ``uint8`` ``(3, H, W)`` RGB tensor."""
-    with Image.open(path) as image:
-        array = np.asarray(image.convert("RGB"))
-    return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
+    """Reads an image file as a ``uint8`` ``(3, H, W)`` RGB tensor (16-bit files scaled, see :func:`._png.read_rgb`)."""
+    return torch.from_numpy(read_rgb(path).copy()).permute(2, 0, 1).contiguous()
 
 
 def read_label(path: str | os.PathLike, channel: int | None = None) -> np.ndarray:
@@ -95,7 +93,12 @@ def read_label(path: str | os.PathLike, channel: int | None = None) -> np.ndarra
     Palette PNGs give their indices (GTA5 and Mapillary store ids that way), 16-bit PNGs
     keep their full values. ``channel`` picks one channel of a multi-channel label.
     """
-    array = read_png(path) if str(path).lower().endswith(".png") else np.asarray(Image.open(path))
+    if str(path).lower().endswith(".png"):
+        array = read_png(path)
+    else:
+        require_regular_file(path)
+        with naming_errors(path), Image.open(path) as image:
+            array = np.asarray(image)
     if array.ndim == 3:
         if channel is None:
             raise ValueError(f"{path} is a {array.shape[2]}-channel label map; colour-coded labels are not supported")
@@ -117,7 +120,8 @@ def resize_label_nearest(label: np.ndarray, height: int, width: int) -> np.ndarr
 
 def image_size(path: str | os.PathLike) -> tuple[int, int]:
     """(height, width) of an image file, reading only its header."""
-    with Image.open(path) as image:
+    require_regular_file(path)
+    with naming_errors(path), Image.open(path) as image:
         width, height = image.size
     return height, width
 
@@ -208,7 +212,8 @@ class SegmentationDataset(Dataset):
 
 
 def _sorted(paths: Iterable[Path]) -> list[Path]:
-    return sorted(paths, key=lambda p: str(p))
+    # regular files only: a FIFO (or a directory) named like an image would block or fail later
+    return sorted((p for p in paths if p.is_file()), key=lambda p: str(p))
 
 
 class Cityscapes(SegmentationDataset):

@@ -1,10 +1,12 @@
 """Whole-image and sliding-window inference, and dataset evaluation.
 
 Sliding window follows mmseg's ``slide_inference``: windows of ``crop`` placed every
-``stride`` pixels, the last row/column of windows shifted back to end at the image
-border, logits of overlapping windows averaged. An image (or a window) smaller than
-the crop is padded to the crop size at the bottom/right and the padded part of the
-logits is discarded. Evaluation follows the benchmark protocol: an optional resize for
+``stride`` pixels, the last row/column of windows shifted back to end flush with the
+image border, logits of overlapping windows averaged, so every pixel is in at least one
+window (a stride larger than the crop, which would skip pixels, and non-positive sizes
+are refused). Along an axis where the image is smaller than the crop there is one
+window, the whole image, with no padding (as in mmseg), so the model never sees
+padding that is not part of the image. Evaluation follows the benchmark protocol: an optional resize for
 inference (e.g. Cityscapes at 1024x512) and logits resized back to the label's own
 resolution before the confusion matrix is accumulated.
 """
@@ -19,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .datasets import IGNORE_INDEX
+from .label_checks import check_label_range
 from .metrics import ConfusionMeter
 from .transforms import IMAGENET_MEAN, IMAGENET_STD
 
@@ -34,13 +37,38 @@ def whole_inference(model: Predictor, images: Tensor) -> Tensor:
     return logits
 
 
+def _pair(value: int | Sequence[int], name: str) -> tuple[int, int]:
+    """``value`` as (height, width) of positive ints; a clear error for anything else."""
+    pair = (value, value) if isinstance(value, int) else tuple(value)
+    if len(pair) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in pair):
+        raise ValueError(f"sliding-window {name} must be a positive int or (height, width), got {value!r}")
+    if min(pair) < 1:
+        raise ValueError(f"sliding-window {name} must be positive, got {value!r}")
+    return pair  # type: ignore[return-value]
+
+
 def window_starts(length: int, crop: int, stride: int) -> list[int]:
     """Start offsets of the windows along one axis (mmseg's placement).
+
+    Windows start every ``stride`` pixels; the last one is moved back to end flush with
+    the border, so the windows cover ``0..length-1`` completely. A crop larger than the
+    axis gives one window at 0 (the whole axis).
+
+    Raises:
+        ValueError: ``crop`` or ``stride`` below 1, or ``stride > crop`` (pixels
+            between two windows would belong to none).
 
     Example:
         >>> window_starts(1024, 512, 341), window_starts(300, 512, 341)
         ([0, 341, 512], [0])
     """
+    if not isinstance(length, int) or length < 1:
+        raise ValueError(f"cannot place windows on an axis of length {length!r}")
+    if crop < 1 or stride < 1:
+        raise ValueError(f"sliding-window crop and stride must be positive, got crop={crop}, stride={stride}")
+    if stride > crop:
+        raise ValueError(f"sliding-window stride {stride} is larger than the crop {crop}: the pixels between two "
+                         "windows would be in none; use 1 <= stride <= crop")
     count = max(length - crop + stride - 1, 0) // stride + 1
     return [max(min(i * stride, length - crop), 0) for i in range(count)]
 
@@ -48,15 +76,20 @@ def window_starts(length: int, crop: int, stride: int) -> list[int]:
 @torch.no_grad()
 def slide_inference(model: Predictor, images: Tensor, num_classes: int, crop: int | tuple[int, int] = 512,
                     stride: int | tuple[int, int] = 341, batch_windows: int = 8) -> Tensor:
-    """Sliding-window logits ``(B, K, H, W)``; windows are padded to ``crop`` when needed.
+    """Sliding-window logits ``(B, K, H, W)``, every pixel the mean over the windows holding it.
 
     Args:
         model: Maps normalised ``(N, 3, h, w)`` images to ``(N, K, h, w)`` logits.
         images: Normalised images ``(B, 3, H, W)``.
         num_classes: ``K``.
-        crop: Window size (int or (height, width)).
-        stride: Window stride (int or (height, width)).
+        crop: Window size (int or (height, width)); an image smaller than the crop
+            along an axis is one window along that axis (no padding).
+        stride: Window stride (int or (height, width)), at most the crop.
         batch_windows: Windows per forward pass.
+
+    Raises:
+        ValueError: A non-positive crop, stride or ``batch_windows``, or a stride larger
+            than the crop.
 
     Example:
         >>> model = torch.nn.Conv2d(3, 4, 1)
@@ -64,28 +97,28 @@ def slide_inference(model: Predictor, images: Tensor, num_classes: int, crop: in
         >>> torch.allclose(slide_inference(model, x, 4, crop=32, stride=20), model(x), atol=1e-5)
         True
     """
-    crop_h, crop_w = (crop, crop) if isinstance(crop, int) else crop
-    stride_h, stride_w = (stride, stride) if isinstance(stride, int) else stride
+    crop_h, crop_w = _pair(crop, "crop")
+    stride_h, stride_w = _pair(stride, "stride")
+    if not isinstance(batch_windows, int) or batch_windows < 1:
+        raise ValueError(f"batch_windows must be a positive int, got {batch_windows!r}")
     batch, _, height, width = images.shape
+    ys, xs = window_starts(height, crop_h, stride_h), window_starts(width, crop_w, stride_w)
+    # every window has this size: the crop, or the whole axis where the image is smaller
+    win_h, win_w = min(crop_h, height), min(crop_w, width)
     logits = images.new_zeros((batch, num_classes, height, width), dtype=torch.float32)
     count = images.new_zeros((1, 1, height, width), dtype=torch.float32)
-    boxes = [(y, x) for y in window_starts(height, crop_h, stride_h) for x in window_starts(width, crop_w, stride_w)]
+    boxes = [(y, x) for y in ys for x in xs]
     for start in range(0, len(boxes), batch_windows):
         group = boxes[start : start + batch_windows]
-        windows = []
-        for y, x in group:
-            window = images[:, :, y : y + crop_h, x : x + crop_w]
-            pad_h, pad_w = crop_h - window.shape[-2], crop_w - window.shape[-1]
-            if pad_h > 0 or pad_w > 0:
-                window = F.pad(window, (0, pad_w, 0, pad_h))
-            windows.append(window)
+        windows = [images[:, :, y : y + win_h, x : x + win_w] for y, x in group]
         outputs = model(torch.cat(windows)).float()
-        if outputs.shape[-2:] != (crop_h, crop_w):
-            outputs = F.interpolate(outputs, size=(crop_h, crop_w), mode="bilinear", align_corners=False)
+        if outputs.shape[-2:] != (win_h, win_w):
+            outputs = F.interpolate(outputs, size=(win_h, win_w), mode="bilinear", align_corners=False)
         for i, (y, x) in enumerate(group):
-            h, w = min(crop_h, height - y), min(crop_w, width - x)
-            logits[:, :, y : y + h, x : x + w] += outputs[i * batch : (i + 1) * batch, :, :h, :w]
-            count[:, :, y : y + h, x : x + w] += 1
+            logits[:, :, y : y + win_h, x : x + win_w] += outputs[i * batch : (i + 1) * batch]
+            count[:, :, y : y + win_h, x : x + win_w] += 1
+    if not bool((count > 0).all()):  # pragma: no cover - window_starts guarantees coverage
+        raise RuntimeError("sliding windows left pixels uncovered")
     return logits / count
 
 
@@ -129,7 +162,20 @@ def evaluate(model: nn.Module, dataset: Iterable, num_classes: int, class_names:
 
     Returns:
         :func:`~vfm_adapters.seg.metrics.summarize`'s dict plus ``images`` and ``seconds``.
+
+    Raises:
+        LabelRangeError: A label holds an id outside ``0..num_classes-1`` (not ``ignore_index``);
+            the message names the file.
+        ValueError: ``limit`` below 1, a bad sliding window, or no image or no valid pixel
+            at all (there would be no mIoU to report).
     """
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ValueError(f"limit must be a positive number of images (or None for all), got {limit!r}")
+    if mode == "slide":  # refuse a bad window before the first image, not after loading it
+        (crop_h, crop_w), (stride_h, stride_w) = _pair(crop, "crop"), _pair(stride, "stride")
+        window_starts(crop_h, crop_h, stride_h), window_starts(crop_w, crop_w, stride_w)
+    elif mode != "whole":
+        raise ValueError(f"unknown inference mode {mode!r}; use 'slide' or 'whole'")
     was_training = model.training
     model.eval()
     meter = ConfusionMeter(num_classes, ignore_index)
@@ -147,11 +193,17 @@ def evaluate(model: nn.Module, dataset: Iterable, num_classes: int, class_names:
         for sample in iterator:
             if limit is not None and seen >= limit:
                 break
+            check_label_range(sample["label"], num_classes, sample.get("path") or f"image {seen}", ignore_index)
             prediction = predict(model, sample["image"], num_classes, mode, crop, stride, resize, mean, std)
             meter.update(prediction.cpu(), sample["label"])
             seen += 1
     finally:
         model.train(was_training)
+    if seen == 0:
+        raise ValueError("the dataset gave no image to evaluate: an mIoU of nothing is not a result")
+    if int(meter.matrix.sum()) == 0:
+        raise ValueError(f"no valid pixel in the {seen} evaluated image(s): every label pixel is the ignore index "
+                         f"{ignore_index}, so there is no mIoU to report (wrong label files or mapping?)")
     names = class_names if class_names is not None else getattr(dataset, "classes", None)
     result = meter.summary(list(names)[:num_classes] if names is not None else None)
     result.update(images=seen, seconds=time.perf_counter() - started)

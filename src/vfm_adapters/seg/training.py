@@ -88,12 +88,15 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from .._io import write_atomically
+from .._io import append_text, torch_save, write_atomically
 from ..checkpoint import save_adapters
 from ..methods.base import adapter_parameters, get_method, inject, injected_methods
 from .datasets import build_dataset
 from .heads import Segmentor, segmentation_loss
 from .inference import evaluate
+from .label_checks import check_dataset_labels, check_label_range
+from .run_dir import check_run_dir, discard_replaced, existing_entries, prepare_run_dir, truncate_log
+from .manifest import RunManifestError, resolve_checkpoint_path, stored_checkpoint_path, verify_run, write_manifest
 from .metrics import results_table
 from .sampling import AugmentedStream, StreamSampler
 from .transforms import IMAGENET_MEAN, IMAGENET_STD, train_transform
@@ -131,6 +134,10 @@ CHECKPOINT_NAME = "checkpoint.pt"
 
 class ConfigError(ValueError):
     """A training config with unknown keys or invalid values."""
+
+
+class TrainingDivergedError(RuntimeError):
+    """The loss became NaN or infinite; training stopped before the step that would save such weights."""
 
 
 def load_config(source: str | os.PathLike | Mapping[str, Any]) -> dict[str, Any]:
@@ -186,6 +193,53 @@ def _validate(config: dict[str, Any]) -> None:
         raise ConfigError("train.mixed_precision must be auto, no, bf16 or fp16")
     if config["eval"]["mode"] not in ("slide", "whole"):
         raise ConfigError("eval.mode must be 'slide' or 'whole'")
+    _validate_eval(config["eval"])
+    _validate_optim(config["optim"], config["train"])
+
+
+def _number(section: str, key: str, value: Any, low: float, high: float = math.inf, low_open: bool = False,
+            high_open: bool = False) -> None:
+    """Refuses a value that is not a finite real number in the given range (bools included)."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
+    if not ok:
+        interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+        raise ConfigError(f"{section}.{key} must be a finite number in {interval}, got {value!r}")
+
+
+def _validate_optim(oc: Mapping[str, Any], tc: Mapping[str, Any]) -> None:
+    """Optimiser and schedule values that cannot silently train wrongly (a negative grad_clip flips gradients)."""
+    _number("optim", "lr", oc.get("lr"), 0.0, low_open=True)
+    _number("optim", "weight_decay", oc.get("weight_decay"), 0.0)
+    _number("optim", "backbone_lr_mult", oc.get("backbone_lr_mult"), 0.0)
+    _number("optim", "poly_power", oc.get("poly_power"), 0.0)
+    _number("optim", "min_lr", oc.get("min_lr", 0.0), 0.0, float(oc["lr"]))
+    _number("optim", "warmup_ratio", oc.get("warmup_ratio"), 0.0, 1.0)
+    betas = oc.get("betas")
+    if not isinstance(betas, (list, tuple)) or len(betas) != 2:
+        raise ConfigError(f"optim.betas must be two numbers in [0, 1), got {betas!r}")
+    for beta in betas:
+        _number("optim", "betas", beta, 0.0, 1.0, high_open=True)
+    if oc.get("grad_clip") is not None:
+        _number("optim", "grad_clip (null = no clipping)", oc["grad_clip"], 0.0, low_open=True)
+    for section, values, key, minimum in (("optim", oc, "warmup_iters", 0), ("train", tc, "log_interval", 1),
+                                          ("train", tc, "checkpoint_interval", 0), ("train", tc, "eval_interval", 0)):
+        value = values.get(key)
+        if key in values and (isinstance(value, bool) or not isinstance(value, int) or value < minimum):
+            raise ConfigError(f"{section}.{key} must be an integer >= {minimum}, got {value!r}")
+
+
+def _validate_eval(ev: Mapping[str, Any]) -> None:
+    """Sliding-window sizes that cover every pixel, and a positive image limit."""
+    crop, stride, limit = ev.get("crop"), ev.get("stride"), ev.get("limit")
+    for key, value in (("crop", crop), ("stride", stride)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"eval.{key} must be a positive integer, got {value!r}")
+    if stride > crop:
+        raise ConfigError(f"eval.stride ({stride}) must not exceed eval.crop ({crop}): pixels between windows "
+                          "would be in no window")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ConfigError(f"eval.limit must be a positive integer or null, got {limit!r}")
 
 
 # ----------------------------------------------------------------------------- model
@@ -376,18 +430,21 @@ def trained_state(model: Segmentor) -> dict[str, torch.Tensor]:
     return state
 
 
-def save_checkpoint(path: Path, model: Segmentor, optimizer, scheduler, step: int, config: Mapping[str, Any]) -> None:
-    """Writes the resumable training state atomically."""
+def save_checkpoint(path: Path, model: Segmentor, optimizer, scheduler, step: int, config: Mapping[str, Any],
+                    seconds: float = 0.0) -> None:
+    """Writes the resumable training state atomically (``seconds``: training time so far, over resumes)."""
     payload = {
         "step": step, "model": trained_state(model), "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(), "rng": _rng_state(), "config": json.dumps(config, sort_keys=True),
+        "seconds": float(seconds),
     }
-    write_atomically(path, lambda temporary: torch.save(payload, temporary))
+    write_atomically(path, lambda temporary: torch_save(payload, temporary), what="checkpoint")
 
 
-def load_checkpoint(path: Path, model: Segmentor, optimizer, scheduler) -> int:
-    """Restores a checkpoint written by :func:`save_checkpoint`; returns its step."""
-    payload = torch.load(path, map_location="cpu", weights_only=True)
+def load_checkpoint(path: Path, model: Segmentor, optimizer, scheduler, payload: Mapping[str, Any] | None = None) -> int:
+    """Restores a checkpoint written by :func:`save_checkpoint` (``payload``: its content, if already read); returns its step."""
+    if payload is None:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
     expected = trained_state(model)
     if set(payload["model"]) != set(expected):
         missing, extra = sorted(set(expected) - set(payload["model"])), sorted(set(payload["model"]) - set(expected))
@@ -403,6 +460,57 @@ def load_checkpoint(path: Path, model: Segmentor, optimizer, scheduler) -> int:
     scheduler.load_state_dict(payload["scheduler"])
     _set_rng_state(payload["rng"])
     return int(payload["step"])
+
+
+#: Config keys that may differ between a checkpoint and the config that resumes it: they
+#: change neither the model nor the data stream (``train.iterations`` extends or shortens
+#: the poly schedule, as a resumed run is expected to).
+RESUME_SAFE_KEYS = ("train.iterations", "train.log_interval", "train.checkpoint_interval", "train.eval_interval",
+                    "train.output_dir", "eval", "data.val", "data.num_workers")
+
+
+def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    """``{"a.b": leaf}`` for a nested mapping (an empty mapping has no leaves)."""
+    if isinstance(value, Mapping):
+        flat: dict[str, Any] = {}
+        for key, item in value.items():
+            flat.update(_flatten(item, f"{prefix}.{key}" if prefix else str(key)))
+        return flat
+    return {prefix: value}
+
+
+def config_differences(stored: Mapping[str, Any], current: Mapping[str, Any],
+                       safe: tuple[str, ...] = RESUME_SAFE_KEYS) -> list[str]:
+    """``"key: old -> new"`` for every config value that differs, except under the ``safe`` keys.
+
+    Example:
+        >>> config_differences({"train": {"seed": 0, "iterations": 5}}, {"train": {"seed": 1, "iterations": 9}})
+        ['train.seed: 0 -> 1']
+    """
+    old, new = _flatten(json.loads(json.dumps(stored))), _flatten(json.loads(json.dumps(current)))
+    defaults = _flatten(json.loads(json.dumps(DEFAULTS)))
+    changed = []
+    for key in sorted(set(old) | set(new)):
+        if any(key == s or key.startswith(s + ".") for s in safe):
+            continue
+        if key not in old and key in defaults and new.get(key) == defaults[key]:
+            continue  # a key added by a later version, at its default: the same run
+        if old.get(key, "<absent>") != new.get(key, "<absent>"):
+            changed.append(f"{key}: {old.get(key, '<absent>')!r} -> {new.get(key, '<absent>')!r}")
+    return changed
+
+
+def check_resumed_config(stored: str | Mapping[str, Any] | None, config: Mapping[str, Any], path: Path) -> None:
+    """Refuses to resume a checkpoint with a config that differs beyond :data:`RESUME_SAFE_KEYS`, naming the keys."""
+    if stored is None:
+        return  # a checkpoint of an older version: nothing to compare
+    stored = json.loads(stored) if isinstance(stored, str) else stored
+    changed = config_differences(stored, config)
+    if changed:
+        raise ConfigError(
+            f"cannot resume {path}: the config differs from the one it was trained with ({'; '.join(changed[:8])}"
+            f"{'; ...' if len(changed) > 8 else ''}). On --resume only train.iterations, eval.*, data.val and the "
+            "log/checkpoint/eval intervals may change; start a new run (another output_dir, or --overwrite) for the rest")
 
 
 def save_segmentor(model: Segmentor, directory: str | os.PathLike, model_config: Mapping[str, Any],
@@ -424,14 +532,30 @@ def save_segmentor(model: Segmentor, directory: str | os.PathLike, model_config:
         host_state = {k: v.detach().cpu().contiguous() for k, v in model.backbone.state_dict().items()
                       if not k.startswith("vfm_adapters.")}
         write_atomically(directory / "backbone.safetensors", lambda p: save_file(host_state, p))
-    info = {"model": dict(model_config), "settings": model.settings, "host_trained": host_trained,
+    saved_config = dict(model_config)
+    checkpoint = saved_config.get("backbone_checkpoint")
+    if checkpoint:  # recorded so that it names the same file from any working directory
+        saved_config["backbone_checkpoint"] = stored_checkpoint_path(checkpoint, directory)
+    info = {"model": saved_config, "settings": model.settings, "host_trained": host_trained,
             "methods": injected_methods(model.backbone), **(extra or {})}
     write_atomically(directory / "segmentor.json", lambda p: Path(p).write_text(json.dumps(info, indent=2, default=str) + "\n"))
+    # last: the manifest lists (and hashes) exactly the files above, and the host weights used
+    write_manifest(directory, info["methods"], saved_config,
+                   None if host_trained else saved_config.get("backbone_checkpoint"))
     return directory
 
 
-def load_segmentor(directory: str | os.PathLike, map_location: str | torch.device = "cpu") -> tuple[Segmentor, dict]:
+def load_segmentor(directory: str | os.PathLike, map_location: str | torch.device = "cpu",
+                   verify: bool = True) -> tuple[Segmentor, dict]:
     """Rebuilds a :class:`Segmentor` saved by :func:`save_segmentor` (or by ``train``).
+
+    Args:
+        directory: The run directory.
+        map_location: Device of the returned model.
+        verify: Check the run against its ``manifest.json`` first (see
+            :func:`vfm_adapters.seg.manifest.verify_run`): a missing, changed or foreign
+            file, or a changed backbone checkpoint, is refused naming the file.
+            ``False`` loads a run saved before manifests existed, unchecked.
 
     Returns:
         The model (eval mode) and the saved ``segmentor.json`` dict.
@@ -447,8 +571,18 @@ def load_segmentor(directory: str | os.PathLike, map_location: str | torch.devic
                                 "and adapters/ (written by vfm-adapters train or save_segmentor)")
     info = json.loads(info_path.read_text())
     model_config = dict(info["model"])
+    manifest = verify_run(directory, info["model"]) if verify else None
+    if info.get("methods") and not (directory / "adapters").is_dir():
+        raise RunManifestError(f"{directory / 'adapters'} is missing but the run was saved with {info['methods']}: "
+                               "evaluating without them would report another model")
     if info.get("host_trained"):
         model_config["backbone_checkpoint"] = str(directory / "backbone.safetensors")
+    elif model_config.get("backbone_checkpoint"):
+        recorded = str(model_config["backbone_checkpoint"])
+        resolved = resolve_checkpoint_path(recorded, directory)
+        if manifest is None and not resolved.is_file() and Path(recorded).is_file():
+            resolved = Path(recorded)  # verify=False on an older run: its path was relative to the working directory
+        model_config["backbone_checkpoint"] = str(resolved)
     model_config["methods"] = []
     model_config["train_backbone"] = False
     # A host neither pretrained nor loaded from a file was randomly initialised right after
@@ -458,6 +592,9 @@ def load_segmentor(directory: str | os.PathLike, map_location: str | torch.devic
         backbone = build_backbone(model_config)
     if (directory / "adapters").is_dir():
         load_adapters(backbone, directory / "adapters")
+    if manifest is not None and injected_methods(backbone) != list(manifest["methods"]):
+        raise RunManifestError(f"{directory / 'adapters'} holds {injected_methods(backbone)} but the run was saved "
+                               f"with {manifest['methods']}")
     settings = info["settings"]
     if settings["head"] == "mask2former":
         from .mask2former import Mask2FormerSegmentor
@@ -522,6 +659,7 @@ def build_val_sets(config: Mapping[str, Any]) -> dict[str, tuple[Any, dict]]:
         name = spec.get("name") or f"{spec.get('type')}{'' if i == 0 else i}"
         options = {"resize": tuple(spec["resize"])} if spec.get("resize") else {}
         sets[name] = (build_dataset(spec), options)
+        check_dataset_labels(sets[name][0], int(config["model"]["num_classes"]), f"validation set {name}")
     return sets
 
 
@@ -558,18 +696,11 @@ def train(config: str | os.PathLike | Mapping[str, Any], resume: bool = False, s
 
     config = load_config(config)
     tc, oc, dc, mc = config["train"], config["optim"], config["data"], config["model"]
+    output_dir = Path(tc["output_dir"])
+    # refuse early; the old run is moved aside (overwrite) only once everything else checked out
+    check_run_dir(output_dir, resume=resume, overwrite=overwrite, error=ConfigError)
     accelerator = make_accelerator(tc)
     say = log or accelerator.print
-    output_dir = Path(tc["output_dir"])
-    existing = [name for name in (CHECKPOINT_NAME, "head.safetensors", "adapters") if (output_dir / name).exists()]
-    if existing and not (resume or overwrite):
-        raise ConfigError(
-            f"{output_dir} already holds a run ({', '.join(existing)}): pass resume=True (--resume) to continue it, "
-            "overwrite=True (--overwrite) to start over and replace it, or choose another train.output_dir"
-        )
-    if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     if not dc["train"]:
         raise ConfigError("data.train is empty: list at least one training dataset")
 
@@ -586,18 +717,28 @@ def train(config: str | os.PathLike | Mapping[str, Any], resume: bool = False, s
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: poly_factor(
         step, total, oc["poly_power"], oc["warmup_iters"], oc["warmup_ratio"], min_ratio))
 
-    start = 0
+    start, elapsed = 0, 0.0
     checkpoint_path = output_dir / CHECKPOINT_NAME
     if resume and checkpoint_path.is_file():
-        start = load_checkpoint(checkpoint_path, model, optimizer, scheduler)
+        payload = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+        check_resumed_config(payload.get("config"), config, checkpoint_path)
+        start = load_checkpoint(checkpoint_path, model, optimizer, scheduler, payload=payload)
+        elapsed = float(payload.get("seconds", -1.0))
         say(f"resumed from {checkpoint_path} at step {start}/{total}")
     elif resume:
+        finished = [name for name in existing_entries(output_dir) if name not in ("config.json", "log.jsonl")]
+        if finished:  # nothing to resume from, but a run's outputs that starting over would replace
+            raise ConfigError(f"cannot resume {output_dir}: it has no {CHECKPOINT_NAME} but holds a run "
+                              f"({', '.join(finished)}); pass --overwrite (overwrite=True) to start over and replace it")
         say(f"no checkpoint at {checkpoint_path}; starting from scratch")
 
     model, optimizer = accelerator.prepare(model, optimizer)
     raw_model: Segmentor = accelerator.unwrap_model(model)
 
     sources = [build_dataset(spec) for spec in dc["train"]]
+    num_classes = int(mc["num_classes"])
+    for i, source in enumerate(sources):  # a sampled pass: wrong ids fail here, naming a file
+        check_dataset_labels(source, num_classes, f"data.train[{i}] ({dc['train'][i].get('type')})")
     weights = [float(spec.get("weight", 1.0)) for spec in dc["train"]]
     transform = train_transform(tuple(dc["crop_size"]), tuple(dc["scale"]) if dc["scale"] else None,
                                 tuple(dc["ratio_range"]), dc["cat_max_ratio"], dc["flip"], dc["photometric"],
@@ -614,20 +755,32 @@ def train(config: str | os.PathLike | Mapping[str, Any], resume: bool = False, s
 
     val_sets = build_val_sets(config) if accelerator.is_main_process and dc["val"] else {}
     log_path = output_dir / "log.jsonl"
-    if start == 0 and accelerator.is_main_process and log_path.exists():
-        log_path.unlink()  # a run from scratch (overwrite) starts a new log; a resumed one appends
+    replaced = None
+    if accelerator.is_main_process:
+        # only now, with the checkpoint loaded and the data checked: replace (overwrite) or update the run
+        replaced = prepare_run_dir(output_dir, resume=resume, overwrite=overwrite, error=ConfigError)
+        if replaced is not None:
+            say(f"the previous run in {output_dir} was moved to {replaced}; it is removed when this run ends")
+        write_atomically(output_dir / "config.json",
+                         lambda p: Path(p).write_text(json.dumps(config, indent=2) + "\n"))
+        logged = truncate_log(log_path, start)  # a resumed run logs each step once; a new run starts a new log
+        elapsed = logged if elapsed < 0 else elapsed  # checkpoints of older versions hold no time
+    elapsed = max(elapsed, 0.0)
+    accelerator.wait_for_everyone()
     train_mode(model)
     bar = tqdm(total=total, initial=start, desc="train", disable=not (progress and accelerator.is_main_process),
                dynamic_ncols=True)
     started, loss_value, running = time.perf_counter(), float("nan"), []
     computes_loss = bool(getattr(raw_model, "computes_loss", False))
     step = start
+    last_saved = start if start > 0 else None  # the step of the checkpoint on disk that this run wrote or resumed
     for step in range(start, end):
         step_loss = 0.0
         for micro in range(accum):
             data = next(batches)
             images = data["image"].to(accelerator.device, non_blocking=True)
             labels = data["label"].to(accelerator.device, non_blocking=True)
+            check_label_range(labels, num_classes, data["path"])
             context = accelerator.no_sync(model) if micro < accum - 1 else nullcontext()
             with context:
                 with accelerator.autocast():
@@ -637,6 +790,7 @@ def train(config: str | os.PathLike | Mapping[str, Any], resume: bool = False, s
                         loss = segmentation_loss(model(images), labels) / accum
                 accelerator.backward(loss)
             step_loss += float(loss.detach())
+        _stop_if_diverged(accelerator, step_loss, step + 1, checkpoint_path, last_saved)
         if oc["grad_clip"]:
             accelerator.clip_grad_norm_([p for p in raw_model.parameters() if p.requires_grad], oc["grad_clip"])
         optimizer.step()
@@ -649,16 +803,17 @@ def train(config: str | os.PathLike | Mapping[str, Any], resume: bool = False, s
         done = step + 1
         if accelerator.is_main_process and (done % max(int(tc["log_interval"]), 1) == 0 or done == end):
             entry = {"step": done, "loss": float(np.mean(running)), "lr": scheduler.get_last_lr()[0],
-                     "seconds": round(time.perf_counter() - started, 2)}
+                     "seconds": round(elapsed + time.perf_counter() - started, 2)}  # cumulative over resumes
             running = []
-            with open(log_path, "a") as stream:
-                stream.write(json.dumps(entry) + "\n")
+            append_text(log_path, json.dumps(entry) + "\n")
             accelerator.log({"train/loss": entry["loss"], "train/lr": entry["lr"]}, step=done)
         interval = int(tc["checkpoint_interval"])
         if (interval > 0 and done % interval == 0) or done == end:
             accelerator.wait_for_everyone()
             if accelerator.is_main_process:
-                save_checkpoint(checkpoint_path, raw_model, optimizer, scheduler, done, config)
+                save_checkpoint(checkpoint_path, raw_model, optimizer, scheduler, done, config,
+                                seconds=elapsed + time.perf_counter() - started)
+            last_saved = done
         if val_sets and tc["eval_interval"] and done % int(tc["eval_interval"]) == 0 and done < total:
             results = evaluate_sets(raw_model, config, val_sets)
             say(f"step {done}: " + ", ".join(f"{k} mIoU {v['mIoU']:.1f}" for k, v in results.items()))
@@ -672,11 +827,31 @@ def train(config: str | os.PathLike | Mapping[str, Any], resume: bool = False, s
         if evaluate_at_end and val_sets:
             results = evaluate_sets(raw_model, config, val_sets, progress=progress)
             accelerator.log({f"val/{name}/mIoU": r["mIoU"] for name, r in results.items()}, step=end)
-            (output_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+            write_atomically(output_dir / "results.json", lambda p: Path(p).write_text(json.dumps(results, indent=2) + "\n"))
             say(results_table({Path(output_dir).name: results}))
+    if accelerator.is_main_process:
+        discard_replaced(replaced)
     accelerator.end_training()
     return {"step": end if start < end else start, "loss": loss_value, "results": results, "output_dir": str(output_dir),
             "seconds": time.perf_counter() - started, "finished": finished, "model": raw_model}
+
+
+def _stop_if_diverged(accelerator, loss: float, step: int, checkpoint_path: Path, last_saved: int | None) -> None:
+    """Raises :class:`TrainingDivergedError` (on every process) when ``loss`` is not finite on any process.
+
+    Called before the optimiser step, so no weight and no checkpoint ever holds the
+    result of a non-finite loss.
+    """
+    bad = torch.tensor([0.0 if math.isfinite(loss) else 1.0], device=accelerator.device)
+    if accelerator.num_processes > 1:
+        bad = accelerator.reduce(bad, reduction="sum")
+    if float(bad.item()) == 0.0:
+        return
+    kept = (f"the last good checkpoint {checkpoint_path} (step {last_saved}) is intact; continue from it with "
+            "--resume after the fix" if last_saved is not None else "no checkpoint was written yet")
+    raise TrainingDivergedError(
+        f"the training loss is {loss} at step {step}: training diverged and was stopped before the optimiser "
+        f"step; {kept}. Lower optim.lr, set optim.grad_clip, or check the data of this step")
 
 
 def _collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
