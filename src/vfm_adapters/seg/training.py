@@ -26,6 +26,7 @@ Config reference (YAML or JSON; every key optional except the data)::
       train_backbone: false                # full fine-tuning (lr x optim.backbone_lr_mult)
       layers: null                         # feature blocks (default [7, 11, 15, 23] of 24)
       scales: [4, 2, 1, 0.5]
+      neck: learnable                      # learnable | interpolate (the paper's) | multilevel (CLIP-L)
       head: fpn                            # fpn | linear
       head_channels: 256
       dropout: 0.1
@@ -100,7 +101,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "model": {
         "backbone": "vit_large_patch14_dinov2", "backbone_kwargs": {}, "pretrained": False,
         "backbone_checkpoint": None, "methods": ["rein"], "method_options": {}, "train_backbone": False,
-        "layers": None, "scales": [4, 2, 1, 0.5], "head": "fpn", "head_channels": 256, "dropout": 0.1,
+        "layers": None, "scales": [4, 2, 1, 0.5], "neck": "learnable", "head": "fpn", "head_channels": 256, "dropout": 0.1,
         "head_options": {}, "num_classes": 19, "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
     },
     "data": {
@@ -256,7 +257,8 @@ def build_segmentor(model_config: Mapping[str, Any]) -> Segmentor:
     backbone = build_adapted_backbone(model_config)
     segmentor = Segmentor(backbone, int(model_config["num_classes"]), layers=model_config.get("layers"),
                           head=model_config["head"], head_channels=int(model_config["head_channels"]),
-                          scales=model_config["scales"], dropout=float(model_config["dropout"]))
+                          scales=model_config["scales"], dropout=float(model_config["dropout"]),
+                          neck=model_config.get("neck") or "learnable")
     segmentor.mean, segmentor.std = tuple(model_config["mean"]), tuple(model_config["std"])
     return segmentor
 
@@ -440,7 +442,8 @@ def load_segmentor(directory: str | os.PathLike, map_location: str | torch.devic
         model = Mask2FormerSegmentor.from_settings(backbone, settings)
     else:
         model = Segmentor(backbone, settings["num_classes"], layers=settings["layers"], head=settings["head"],
-                          head_channels=settings["head_channels"], scales=settings["scales"], dropout=settings["dropout"])
+                          head_channels=settings["head_channels"], scales=settings["scales"], dropout=settings["dropout"],
+                          neck=settings.get("neck", "learnable"))
     model.decode_modules().load_state_dict(load_file(str(directory / "head.safetensors")))
     model.mean, model.std = tuple(model_config["mean"]), tuple(model_config["std"])
     return model.to(map_location).eval(), info
