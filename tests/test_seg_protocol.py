@@ -68,3 +68,48 @@ def test_segmentors_take_the_neck_from_the_config():
     assert m2f(torch.randn(1, 3, 64, 64)).shape == (1, 3, 64, 64)
     old = build_segmentor(tiny_model_config())  # default stays the library's learnable neck
     assert isinstance(old.neck, MultiScaleNeck)
+
+
+# ----------------------------------------------------------------------------- 6. decay groups
+def test_decay_groups_follow_the_authors_names():
+    import vfm_adapters as va
+    from vfm_adapters.optim import authors_name
+    from vfm_adapters.seg.training import parameter_groups
+
+    model = build_segmentor(tiny_model_config(neck="learnable", head="mask2former", head_options=dict(TINY_M2F),
+                                              method_options={"rein": {"token_length": 4, "query_dim": 32,
+                                                                       "link_queries": False}}))
+    groups = parameter_groups(model, lr=1e-4, weight_decay=0.05, backbone_lr_mult=1.0)
+    decay = {name: group["weight_decay"] for group in groups for name in group["names"]}
+    rein = "features.model.vfm_adapters.rein."
+    for exempt in (rein + "tokens_a", rein + "tokens_b", rein + "scale",
+                   "head.transformer.queries_embedder.weight",  # their query_embed
+                   "head.transformer.level_embed.weight",  # their level_embed
+                   "neck.branches.0.1.weight", "neck.branches.0.1.bias",  # GroupNorm
+                   "head.pixel_decoder.input_projections.0.1.weight",  # GroupNorm
+                   "head.transformer.decoder.layers.0.self_attn_layer_norm.bias",
+                   "head.transformer.decoder.layernorm.weight"):
+        assert decay[exempt] == 0.0, exempt
+    for decays in (rein + "token_to_feature.weight", rein + "token_to_feature.bias",  # biases decay
+                   rein + "delta_feature.weight", rein + "delta_feature.bias",
+                   "head.transformer.queries_features.weight",  # their query_feat decays
+                   "head.pixel_decoder.level_embed",  # their level_encoding decays
+                   "head.class_predictor.bias", "neck.branches.0.0.bias",
+                   "head.transformer.decoder.layers.0.fc1.bias"):
+        assert decay[decays] == 0.05, decays
+    assert authors_name(rein + "scale").endswith("reins.scale")
+    # the public helper agrees with the trainer's groups
+    public = va.param_groups(model, weight_decay=0.05)
+    ids = {id(p): g["weight_decay"] for g in public for p in g["params"]}
+    named = dict(model.named_parameters())
+    assert {name: ids[id(named[name])] for name in decay} == decay
+
+
+def test_full_fine_tuning_decays_host_positions_not_norms():
+    from vfm_adapters.optim import no_decay_names
+
+    model = build_segmentor(tiny_model_config(methods=["full"], neck="interpolate"))
+    exempt = no_decay_names(model)
+    assert not exempt["features.model.pos_embed"] and not exempt["features.model.cls_token"]
+    assert not exempt["features.model.blocks.0.ls1.gamma"] and not exempt["features.model.blocks.0.attn.qkv.bias"]
+    assert exempt["features.model.blocks.0.norm1.weight"] and exempt["features.model.norm.bias"]

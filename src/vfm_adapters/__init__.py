@@ -30,6 +30,7 @@ from .methods.adaptformer import AdaptFormerConfig, inject_adaptformer
 from .methods.lora import LoRAConfig, inject_lora, lora_layers, merge_lora, save_lora_for_peft, unmerge_lora
 from .methods.vpt import VPTConfig, inject_vpt
 from .report import format_count, parameter_report, trainable_parameters
+from .optim import param_groups
 
 __all__ = [
     "__version__",
@@ -73,3 +74,4 @@ __all__ = [
     "UnsupportedModelError",
     "VPTConfig",
 ]
+__all__ += ["param_groups"]

@@ -45,7 +45,9 @@ Config reference (YAML or JSON; every key optional except the data)::
       num_workers: 2
     optim:
       lr: 1.0e-4
-      weight_decay: 0.05                   # none on tokens, scale, norms, embeddings, biases
+      weight_decay: 0.05
+      no_decay: authors                    # the Rein authors' names (norms, query/level embeddings,
+                                           # Rein tokens and scale; biases decay) | small_tensors
       betas: [0.9, 0.999]
       backbone_lr_mult: 0.1
       poly_power: 0.9
@@ -111,6 +113,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "optim": {
         "lr": 1e-4, "weight_decay": 0.05, "betas": [0.9, 0.999], "backbone_lr_mult": 0.1, "poly_power": 0.9,
         "min_lr": 0.0, "warmup_iters": 0, "warmup_ratio": 1e-6, "grad_clip": None,
+        "no_decay": "authors",
     },
     "train": {
         "iterations": 40000, "batch_size": 4, "grad_accum": 1, "seed": 0, "mixed_precision": "auto",
@@ -288,8 +291,20 @@ def no_weight_decay(name: str, param: nn.Parameter) -> bool:
                or part in ("embeddings_position", "register_tokens") for part in parts)
 
 
-def parameter_groups(model: Segmentor, lr: float, weight_decay: float, backbone_lr_mult: float = 0.1) -> list[dict]:
-    """AdamW groups: decay / no decay, and the host's own weights at ``lr * backbone_lr_mult``."""
+def parameter_groups(model: Segmentor, lr: float, weight_decay: float, backbone_lr_mult: float = 0.1,
+                     no_decay: str = "authors") -> list[dict]:
+    """AdamW groups: decay / no decay, and the host's own weights at ``lr * backbone_lr_mult``.
+
+    ``no_decay="authors"`` (default, ``optim.no_decay``) exempts exactly what the Rein
+    authors' configs exempt (:func:`vfm_adapters.optim.no_decay_names`: norms, query
+    and level embeddings, Rein's tokens and scale; biases decay); ``"small_tensors"``
+    is the earlier rule of :func:`no_weight_decay` (also biases, positions, prompts).
+    """
+    from ..optim import no_decay_names
+
+    if no_decay not in ("authors", "small_tensors"):
+        raise ConfigError(f"optim.no_decay must be 'authors' or 'small_tensors', got {no_decay!r}")
+    exempt = no_decay_names(model) if no_decay == "authors" else None
     adapter_ids = {id(p) for p in adapter_parameters(model.backbone)}
     host_ids = {id(p) for p in model.backbone.parameters()} - adapter_ids
     groups: dict[tuple[bool, bool], dict] = {}
@@ -297,7 +312,7 @@ def parameter_groups(model: Segmentor, lr: float, weight_decay: float, backbone_
         if not param.requires_grad:
             continue
         host = id(param) in host_ids
-        decay = not no_weight_decay(name, param)
+        decay = not (exempt[name] if exempt is not None else no_weight_decay(name, param))
         group = groups.setdefault((host, decay), {
             "params": [], "names": [], "lr": lr * (backbone_lr_mult if host else 1.0),
             "weight_decay": weight_decay if decay else 0.0})
@@ -520,7 +535,7 @@ def train(config: str | os.PathLike | Mapping[str, Any], resume: bool = False, s
     np.random.seed(seed)
     torch.manual_seed(seed)
     model = build_segmentor(mc)
-    groups = parameter_groups(model, oc["lr"], oc["weight_decay"], oc["backbone_lr_mult"])
+    groups = parameter_groups(model, oc["lr"], oc["weight_decay"], oc["backbone_lr_mult"], oc["no_decay"])
     optimizer = torch.optim.AdamW([{k: v for k, v in g.items() if k != "names"} for g in groups],
                                   lr=oc["lr"], betas=tuple(oc["betas"]))
     total = int(tc["iterations"])
