@@ -113,3 +113,73 @@ def test_full_fine_tuning_decays_host_positions_not_norms():
     assert not exempt["features.model.pos_embed"] and not exempt["features.model.cls_token"]
     assert not exempt["features.model.blocks.0.ls1.gamma"] and not exempt["features.model.blocks.0.attn.qkv.bias"]
     assert exempt["features.model.blocks.0.norm1.weight"] and exempt["features.model.norm.bias"]
+
+
+# ----------------------------------------------------------------------------- 2. train resize, hue, padding
+def test_random_choice_resize_draws_only_the_16_short_sides_and_caps_the_long_side():
+    import numpy as np
+
+    from vfm_adapters.seg.transforms import RandomChoiceResize, paper_short_sides
+
+    sides = paper_short_sides(512)
+    assert sides == tuple(int(512 * x * 0.1) for x in range(5, 21)) and len(set(sides)) == 16
+    assert sides[0] == 256 and sides[-1] == 1024
+    resize = RandomChoiceResize(sides, max_long_side=2048, image_mode="nearest")
+    rng = np.random.default_rng(0)
+    seen_gta, capped = set(), 0
+    gta = {"image": torch.zeros(3, 1052, 1914, dtype=torch.uint8), "label": torch.zeros(1052, 1914, dtype=torch.long)}
+    wide = {"image": torch.zeros(3, 100, 300, dtype=torch.uint8), "label": torch.zeros(100, 300, dtype=torch.long)}
+    for _ in range(300):
+        out = resize(gta, rng=rng)
+        h, w = out["image"].shape[-2:]
+        assert out["label"].shape == (h, w) and h in sides and max(h, w) <= 2048
+        assert w == int(1914 * h / 1052 + 0.5)
+        seen_gta.add(h)
+        out = resize(wide, rng=rng)
+        h, w = out["image"].shape[-2:]
+        assert w <= 2048
+        if w == 2048:  # the long side is capped: the short side is below the drawn value
+            capped += 1
+            assert h == int(100 * 2048 / 300 + 0.5)
+        else:
+            assert h in sides
+    assert seen_gta == set(sides)  # every value drawn, nothing else
+    assert capped > 0
+
+
+def test_paper_pipeline_pads_after_normalisation_with_zero_and_ignore():
+    import numpy as np
+
+    from vfm_adapters.seg.transforms import train_transform
+
+    pipeline = train_transform((64, 64), resize="short_side_choice", short_sides=[32], photometric=False, flip=0.0)
+    sample = {"image": torch.full((3, 40, 40), 255, dtype=torch.uint8), "label": torch.ones(40, 40, dtype=torch.long)}
+    out = pipeline(sample, rng=np.random.default_rng(0))
+    assert out["image"].shape == (3, 64, 64) and out["label"].shape == (64, 64)
+    assert torch.all(out["image"][:, 32:] == 0) and torch.all(out["image"][:, :, 32:] == 0)  # zero AFTER normalising
+    assert torch.all(out["label"][32:] == 255) and torch.all(out["label"][:32, :32] == 1)
+    assert torch.all(out["image"][:, :32, :32] > 1)  # white, normalised
+    assert "RandomChoiceResize(short_sides=(32,), max_long_side=256)" in repr(pipeline)
+
+
+def test_photometric_hue_range_is_opencv_180_scale():
+    import numpy as np
+
+    from vfm_adapters.seg.transforms import PhotoMetricDistortion, hsv_to_rgb, rgb_to_hsv
+
+    distortion = PhotoMetricDistortion()
+    rng = np.random.default_rng(0)
+    shifts = [distortion.hue_shift_degrees(rng) for _ in range(4000)]
+    assert set(shifts) == {2.0 * k for k in range(-18, 18)}  # mmseg's randint(-18, 18) on OpenCV's 0..180 hue
+    assert min(shifts) == -36.0 and max(shifts) == 34.0
+    # an applied shift: an orange moves by the drawn hue (no other step changes hue: nothing clips)
+    red = torch.zeros(3, 2, 2, dtype=torch.uint8)
+    red[0], red[1], red[2] = 120, 80, 60
+    moved = []
+    for seed in range(60):
+        out = distortion({"image": red}, rng=np.random.default_rng(seed))["image"] / 255.0
+        delta = (rgb_to_hsv(out)[0, 0, 0] - rgb_to_hsv(red.float() / 255.0)[0, 0, 0]).item() * 360.0
+        moved.append((delta + 180.0) % 360.0 - 180.0)
+    assert max(abs(m) for m in moved) > 18.5  # beyond the old +-18 degrees
+    assert max(abs(m) for m in moved) <= 36.0 + 1e-3
+    assert torch.allclose(hsv_to_rgb(rgb_to_hsv(red.float() / 255)), red.float() / 255, atol=1e-6)

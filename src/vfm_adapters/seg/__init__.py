@@ -42,6 +42,8 @@ from .transforms import (
     PhotoMetricDistortion,
     RandomCrop,
     RandomFlip,
+    Pad,
+    RandomChoiceResize,
     RandomRescale,
     Resize,
     eval_transform,
@@ -58,4 +60,4 @@ __all__ = [
     "load_config", "load_segmentor", "mix_datasets", "predict", "results_table", "save_segmentor",
     "segmentation_loss", "slide_inference", "summarize", "train", "train_transform", "whole_inference",
 ]
-__all__ += ["InterpolationNeck", "MultiLevelNeck", "build_neck"]
+__all__ += ["InterpolationNeck", "MultiLevelNeck", "build_neck", "Pad", "RandomChoiceResize"]

@@ -37,7 +37,10 @@ Config reference (YAML or JSON; every key optional except the data)::
       train: [{type: gta5, root: data/gta5, weight: 1.0}]
       val: [{type: cityscapes, root: data/cityscapes, split: val, resize: [1024, 512]}]
       crop_size: [512, 512]
-      scale: [1280, 720]                   # keep-ratio rescale target, null = none
+      resize: ratio_range                  # ratio_range | short_side_choice (the Rein authors')
+      short_sides: null                    # short_side_choice: null = int(crop * x * 0.1), x = 5..20
+      max_long_side: null                  # short_side_choice: null = 4 x crop (2048 at 512)
+      scale: [1280, 720]                   # ratio_range: keep-ratio rescale target, null = none
       ratio_range: [0.5, 2.0]
       cat_max_ratio: 0.75
       flip: 0.5
@@ -109,6 +112,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "data": {
         "train": [], "val": [], "crop_size": [512, 512], "scale": [1280, 720], "ratio_range": [0.5, 2.0],
         "cat_max_ratio": 0.75, "flip": 0.5, "photometric": True, "num_workers": 2,
+        "resize": "ratio_range", "short_sides": None, "max_long_side": None,
     },
     "optim": {
         "lr": 1e-4, "weight_decay": 0.05, "betas": [0.9, 0.999], "backbone_lr_mult": 0.1, "poly_power": 0.9,
@@ -185,6 +189,8 @@ def _validate(config: dict[str, Any]) -> None:
         config["data"]["val"] = [dict(v, name=k) for k, v in config["data"]["val"].items()]
     if config["train"]["mixed_precision"] not in ("auto", "no", "bf16", "fp16"):
         raise ConfigError("train.mixed_precision must be auto, no, bf16 or fp16")
+    if config["data"]["resize"] not in ("ratio_range", "short_side_choice"):
+        raise ConfigError("data.resize must be 'ratio_range' or 'short_side_choice' (the Rein authors' recipe)")
     if config["eval"]["mode"] not in ("slide", "whole"):
         raise ConfigError("eval.mode must be 'slide' or 'whole'")
 
@@ -558,7 +564,8 @@ def train(config: str | os.PathLike | Mapping[str, Any], resume: bool = False, s
     weights = [float(spec.get("weight", 1.0)) for spec in dc["train"]]
     transform = train_transform(tuple(dc["crop_size"]), tuple(dc["scale"]) if dc["scale"] else None,
                                 tuple(dc["ratio_range"]), dc["cat_max_ratio"], dc["flip"], dc["photometric"],
-                                mc["mean"], mc["std"])
+                                mc["mean"], mc["std"], resize=dc["resize"], short_sides=dc["short_sides"],
+                                max_long_side=dc["max_long_side"])
     batch, accum, world = int(tc["batch_size"]), int(tc["grad_accum"]), accelerator.num_processes
     per_step = batch * accum * world
     end = total if stop_after is None else min(total, start + int(stop_after))
