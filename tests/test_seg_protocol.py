@@ -183,3 +183,38 @@ def test_photometric_hue_range_is_opencv_180_scale():
     assert max(abs(m) for m in moved) > 18.5  # beyond the old +-18 degrees
     assert max(abs(m) for m in moved) <= 36.0 + 1e-3
     assert torch.allclose(hsv_to_rgb(rgb_to_hsv(red.float() / 255)), red.float() / 255, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- 7. precision, Full lr; every paper config
+from pathlib import Path  # noqa: E402
+
+PAPER = Path(__file__).resolve().parents[1] / "examples" / "configs" / "paper"
+PAPER_CONFIGS = sorted(p for p in PAPER.glob("*.yaml") if p.name != "expected_miou.yaml")
+
+
+def test_every_paper_config_states_the_authors_protocol():
+    from vfm_adapters.seg.training import load_config
+
+    assert len(PAPER_CONFIGS) >= 12
+    for path in PAPER_CONFIGS:
+        config = load_config(path)
+        assert config["train"]["mixed_precision"] == "no", path.name  # fp32
+        assert config["data"]["resize"] == "short_side_choice", path.name
+        assert config["data"]["cat_max_ratio"] == 0.75 and config["data"]["flip"] == 0.5, path.name
+        assert config["optim"]["no_decay"] == "authors" and config["optim"]["weight_decay"] == 0.05, path.name
+        expected_neck = "multilevel" if "clip" in path.name else "interpolate"
+        assert config["model"]["neck"] == expected_neck, path.name
+    full = load_config(PAPER / "gtav_dinov2_l_full.yaml")
+    assert full["optim"]["backbone_lr_mult"] == 1.0 and full["optim"]["lr"] == 1e-4
+
+
+def test_train_command_precision_flags():
+    import argparse
+
+    from vfm_adapters.commands import train as command
+
+    parser = argparse.ArgumentParser()
+    command.add_arguments(parser)
+    assert parser.parse_args(["c.yaml", "--bf16"]).mixed_precision == "bf16"
+    assert parser.parse_args(["c.yaml", "--mixed-precision", "no"]).mixed_precision == "no"
+    assert parser.parse_args(["c.yaml"]).mixed_precision is None

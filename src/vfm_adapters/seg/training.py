@@ -187,6 +187,8 @@ def _validate(config: dict[str, Any]) -> None:
         config["model"]["methods"] = [m for m in config["model"]["methods"].split(",") if m]
     if isinstance(config["data"]["val"], Mapping):
         config["data"]["val"] = [dict(v, name=k) for k, v in config["data"]["val"].items()]
+    if config["train"]["mixed_precision"] is False:  # YAML reads an unquoted `no` as false
+        config["train"]["mixed_precision"] = "no"
     if config["train"]["mixed_precision"] not in ("auto", "no", "bf16", "fp16"):
         raise ConfigError("train.mixed_precision must be auto, no, bf16 or fp16")
     if config["data"]["resize"] not in ("ratio_range", "short_side_choice"):
