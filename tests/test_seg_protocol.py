@@ -218,3 +218,95 @@ def test_train_command_precision_flags():
     assert parser.parse_args(["c.yaml", "--bf16"]).mixed_precision == "bf16"
     assert parser.parse_args(["c.yaml", "--mixed-precision", "no"]).mixed_precision == "no"
     assert parser.parse_args(["c.yaml"]).mixed_precision is None
+
+
+# ----------------------------------------------------------------------------- 3. patch 14 -> 16
+def _cubic_weights_float64(in_size: int, out_size: int):
+    """PyTorch's bicubic (A = -0.75, half-pixel centres, border taps clamped) as an (out, in) matrix."""
+    import numpy as np
+
+    a = -0.75
+
+    def kernel(x: float) -> float:
+        x = abs(x)
+        if x <= 1:
+            return ((a + 2) * x - (a + 3)) * x * x + 1
+        if x < 2:
+            return ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
+        return 0.0
+
+    matrix = np.zeros((out_size, in_size), dtype=np.float64)
+    scale = in_size / out_size
+    for i in range(out_size):
+        source = (i + 0.5) * scale - 0.5
+        base = int(np.floor(source))
+        t = source - base
+        for offset in (-1, 0, 1, 2):
+            index = min(max(base + offset, 0), in_size - 1)
+            matrix[i, index] += kernel(offset - t)
+    return matrix
+
+
+def test_bicubic_patch_conversion_matches_a_float64_computation():
+    import numpy as np
+
+    from vfm_adapters.seg.patch_resample import bicubic_patch_embed, bicubic_pos_embed
+
+    torch.manual_seed(0)
+    kernel = torch.randn(4, 3, 14, 14)
+    ours = bicubic_patch_embed(kernel, (16, 16)).double().numpy()
+    w = _cubic_weights_float64(14, 16)
+    expected = np.einsum("oi,bcij,pj->bcop", w, kernel.double().numpy(), w)
+    assert np.abs(ours - expected).max() < 1e-5
+    pos = torch.randn(1, 1 + 37 * 37, 6)
+    converted = bicubic_pos_embed(pos, (32, 32), num_prefix=1)
+    assert torch.equal(converted[:, :1], pos[:, :1])  # CLS position kept
+    w = _cubic_weights_float64(37, 32)
+    grid = pos[0, 1:].double().numpy().reshape(37, 37, 6)
+    expected = np.einsum("oi,ijc,pj->opc", w, grid, w).reshape(1024, 6)
+    assert np.abs(converted[0, 1:].double().numpy() - expected).max() < 1e-5
+
+
+def test_bicubic_and_pseudo_inverse_conversions_differ_on_a_smooth_patch():
+    from timm.layers import resample_patch_embed
+
+    from vfm_adapters.seg.patch_resample import bicubic_patch_embed
+
+    kernel = torch.randn(8, 3, 1, 1).expand(8, 3, 14, 14).contiguous()  # smooth (constant) kernel
+    patch14, patch16 = torch.ones(3, 14, 14), torch.ones(3, 16, 16)  # a constant image patch
+    original = (kernel * patch14).sum((1, 2, 3))
+    bicubic = (bicubic_patch_embed(kernel, (16, 16)) * patch16).sum((1, 2, 3))
+    pinv = (resample_patch_embed(kernel, [16, 16]) * patch16).sum((1, 2, 3))
+    assert torch.allclose(bicubic / original, torch.full((8,), (16 / 14) ** 2), rtol=1e-4)  # x1.31
+    assert torch.allclose(pinv / original, torch.ones(8), atol=0.05)  # about x1.0
+
+
+def test_build_backbone_uses_the_configured_patch_conversion(tmp_path):
+    import timm
+    from safetensors.torch import save_file
+
+    from vfm_adapters.seg.patch_resample import bicubic_patch_embed, bicubic_pos_embed
+    from vfm_adapters.seg.training import ConfigError, build_backbone
+
+    arch = {"depth": 1, "embed_dim": 16, "num_heads": 2}
+    torch.manual_seed(0)
+    native = timm.create_model("vit_small_patch14_dinov2", num_classes=0, **arch)  # native 518 px, 37x37 grid
+    weights = tmp_path / "native.safetensors"
+    save_file({k: v.contiguous() for k, v in native.state_dict().items()}, str(weights))
+    kwargs = {"img_size": 64, "patch_size": 16, **arch,
+              "pretrained_cfg_overlay": {"file": str(weights), "num_classes": 0}}
+    base = {**DEFAULTS["model"], "backbone": "vit_small_patch14_dinov2", "pretrained": True, "backbone_kwargs": kwargs}
+    bicubic = build_backbone({**base, "patch_resample": "bicubic"})
+    expected = bicubic_patch_embed(native.patch_embed.proj.weight.detach(), (16, 16))
+    assert torch.allclose(bicubic.patch_embed.proj.weight, expected)
+    assert torch.allclose(bicubic.pos_embed, bicubic_pos_embed(native.pos_embed.detach(), (4, 4), 1))
+    assert torch.equal(bicubic.blocks[0].attn.qkv.weight, native.blocks[0].attn.qkv.weight)
+    timm_way = build_backbone({**base, "patch_resample": "timm"})
+    assert not torch.allclose(timm_way.patch_embed.proj.weight, expected, atol=1e-3)
+    assert not torch.allclose(timm_way.pos_embed, bicubic.pos_embed, atol=1e-4)  # timm anti-aliases
+    try:
+        build_backbone({**base, "patch_resample": "nearest"})
+    except ConfigError as error:
+        assert "bicubic" in str(error)
+    else:
+        raise AssertionError("an unknown patch_resample must be refused")

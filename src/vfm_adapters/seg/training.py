@@ -20,6 +20,7 @@ Config reference (YAML or JSON; every key optional except the data)::
       backbone: vit_large_patch14_dinov2   # timm model name
       backbone_kwargs: {img_size: 512}     # passed to timm.create_model
       pretrained: false                    # timm pretrained weights (needs a download)
+      patch_resample: timm                 # another patch_size: timm (pseudo-inverse) | bicubic (the Rein authors')
       backbone_checkpoint: null            # a .safetensors/.pt state dict for the host
       methods: [rein]                      # registered methods; [] or [freeze] = head only
       method_options: {rein: {link_queries: false}}
@@ -104,7 +105,7 @@ from .transforms import IMAGENET_MEAN, IMAGENET_STD, train_transform
 
 DEFAULTS: dict[str, dict[str, Any]] = {
     "model": {
-        "backbone": "vit_large_patch14_dinov2", "backbone_kwargs": {}, "pretrained": False,
+        "backbone": "vit_large_patch14_dinov2", "backbone_kwargs": {}, "pretrained": False, "patch_resample": "timm",
         "backbone_checkpoint": None, "methods": ["rein"], "method_options": {}, "train_backbone": False,
         "layers": None, "scales": [4, 2, 1, 0.5], "neck": "learnable", "head": "fpn", "head_channels": 256, "dropout": 0.1,
         "head_options": {}, "num_classes": 19, "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
@@ -202,8 +203,18 @@ def build_backbone(model_config: Mapping[str, Any]) -> nn.Module:
     """Creates the timm host and loads ``backbone_checkpoint`` (safetensors or torch) if given."""
     import timm
 
-    backbone = timm.create_model(model_config["backbone"], pretrained=bool(model_config["pretrained"]),
-                                 num_classes=0, **dict(model_config.get("backbone_kwargs") or {}))
+    resample = model_config.get("patch_resample") or "timm"
+    if resample == "bicubic":  # the Rein authors' 14 -> 16 conversion (see seg/patch_resample.py)
+        from .patch_resample import create_host_bicubic
+
+        backbone = create_host_bicubic(model_config["backbone"], bool(model_config["pretrained"]),
+                                       model_config.get("backbone_kwargs") or {})
+    elif resample == "timm":
+        backbone = timm.create_model(model_config["backbone"], pretrained=bool(model_config["pretrained"]),
+                                     num_classes=0, **dict(model_config.get("backbone_kwargs") or {}))
+    else:
+        raise ConfigError(f"model.patch_resample must be 'bicubic' (the Rein authors') or 'timm' (pseudo-inverse), "
+                          f"got {resample!r}")
     checkpoint = model_config.get("backbone_checkpoint")
     if checkpoint:
         path = Path(checkpoint)
