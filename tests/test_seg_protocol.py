@@ -310,3 +310,63 @@ def test_build_backbone_uses_the_configured_patch_conversion(tmp_path):
         assert "bicubic" in str(error)
     else:
         raise AssertionError("an unknown patch_resample must be refused")
+
+
+# ----------------------------------------------------------------------------- 5. ACDC schedule and batch
+def test_acdc_warmup_then_poly_restart_learning_rate():
+    from vfm_adapters.seg.training import load_config
+
+    config = load_config(PAPER / "citys_acdc_dinov2_l_rein_1024.yaml")
+    oc = config["optim"]
+    assert oc["schedule"] == "warmup_poly_restart" and oc["warmup_iters"] == 10000 and oc["lr"] == 6e-5
+    assert config["train"]["iterations"] == 40000
+    assert config["train"]["batch_size"] == 2 and config["train"]["total_batch_size"] == 8
+    # the trainer's own scheduler, stepped on a dummy optimiser
+    from vfm_adapters.optim import warmup_poly_restart_factor
+
+    param = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.AdamW([param], lr=oc["lr"])
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_poly_restart_factor(
+        s, 40000, oc["warmup_iters"], oc["warmup_ratio"], oc["poly_power"]))
+    seen = {}
+    for step in range(40001):
+        if step in (0, 5000, 10000, 25000, 40000):
+            seen[step] = optimizer.param_groups[0]["lr"]
+        optimizer.step()
+        scheduler.step()
+    base = 6e-5
+    assert abs(seen[0] - base * 1e-6) < 1e-15
+    assert abs(seen[5000] - base * (1e-6 + (1 - 1e-6) * 0.5)) < 1e-12
+    assert abs(seen[10000] - base) < 1e-12  # poly restarts from the base lr
+    assert abs(seen[25000] - base * 0.5 ** 0.9) < 1e-12  # half-way through 10k-40k
+    assert seen[40000] == 0.0
+
+
+def test_effective_batch_by_accumulation_is_printed(tmp_path):
+    from vfm_adapters.optim import resolve_grad_accum
+    from vfm_adapters.seg.training import ConfigError, train
+
+    assert resolve_grad_accum(2, 1, 8, 1) == 4 and resolve_grad_accum(2, 1, 8, 4) == 1
+    config = {
+        "model": {"backbone": "vit_tiny_patch16_224", "neck": "interpolate",
+                  "backbone_kwargs": {"img_size": 32, "patch_size": 8, "embed_dim": 16, "depth": 2, "num_heads": 2},
+                  "methods": ["rein"], "method_options": {"rein": {"token_length": 2, "rank": 2}},
+                  "num_classes": 7, "head_channels": 8},
+        "data": {"train": [{"type": "synthetic", "num_images": 4, "size": 32, "seed": 1}], "crop_size": [32, 32],
+                 "resize": "short_side_choice", "short_sides": [32, 40], "num_workers": 0},
+        "optim": {"schedule": "warmup_poly_restart", "warmup_iters": 1},
+        "train": {"iterations": 2, "batch_size": 1, "total_batch_size": 4, "mixed_precision": "no",
+                  "checkpoint_interval": 0, "output_dir": str(tmp_path / "run")},
+    }
+    lines: list[str] = []
+    outcome = train(config, progress=False, log=lines.append, evaluate_at_end=False)
+    assert outcome["finished"]
+    assert any("effective batch 4 = 1 per process x 4 accumulation step(s) x 1 process(es)" in line for line in lines)
+    config["train"]["total_batch_size"] = 3
+    config["train"]["batch_size"] = 2
+    try:
+        train(config, progress=False, log=lines.append, evaluate_at_end=False, overwrite=True)
+    except ConfigError as error:
+        assert "total_batch_size" in str(error)
+    else:
+        raise AssertionError("a total batch that the per-process batch does not divide must be refused")

@@ -97,3 +97,43 @@ def param_groups(model: nn.Module, weight_decay: float = 0.05) -> list[dict]:
     no_decay = [params[name] for name, skip in exempt.items() if skip]
     groups = [{"params": decay, "weight_decay": float(weight_decay)}, {"params": no_decay, "weight_decay": 0.0}]
     return [group for group in groups if group["params"]]
+
+
+def warmup_poly_restart_factor(step: int, total: int, warmup_iters: int, warmup_ratio: float = 1e-6,
+                               power: float = 0.9, min_ratio: float = 0.0) -> float:
+    """The authors' Cityscapes -> ACDC schedule as a factor of the base lr.
+
+    mmengine's ``LinearLR(start_factor=warmup_ratio, end=warmup_iters)`` followed by
+    ``PolyLR(begin=warmup_iters, end=total, power)``: a linear ramp from
+    ``warmup_ratio`` to 1 over the warm-up, then poly decay that RESTARTS from the base
+    lr over ``[warmup_iters, total]`` (unlike a warm-up multiplied into one poly curve).
+
+    Example:
+        >>> [round(warmup_poly_restart_factor(s, 40000, 10000), 4) for s in (0, 5000, 10000, 25000, 40000)]
+        [0.0, 0.5, 1.0, 0.5359, 0.0]
+    """
+    if not 0 <= warmup_iters < total:
+        raise ValueError(f"warm-up iterations must lie in [0, {total}), got {warmup_iters}")
+    if step < warmup_iters:
+        return warmup_ratio + (1.0 - warmup_ratio) * step / warmup_iters
+    progress = min(step - warmup_iters, total - warmup_iters) / (total - warmup_iters)
+    return (1.0 - progress) ** power * (1.0 - min_ratio) + min_ratio
+
+
+def resolve_grad_accum(batch_size: int, grad_accum: int, total_batch_size: int | None, processes: int) -> int:
+    """Accumulation steps so that ``batch_size x steps x processes == total_batch_size``.
+
+    With ``total_batch_size`` unset, ``grad_accum`` is kept. The authors' ACDC row is
+    batch 8 (2 per GPU x 4 GPUs): on one GPU that is 4 accumulation steps of 2.
+
+    Example:
+        >>> resolve_grad_accum(2, 1, 8, 1), resolve_grad_accum(2, 1, 8, 4), resolve_grad_accum(4, 2, None, 1)
+        (4, 1, 2)
+    """
+    if total_batch_size is None:
+        return int(grad_accum)
+    per_step = int(batch_size) * int(processes)
+    if int(total_batch_size) < 1 or int(total_batch_size) % per_step:
+        raise ValueError(f"train.total_batch_size {total_batch_size} is not a positive multiple of batch_size "
+                         f"{batch_size} x {processes} process(es); choose a batch_size that divides it")
+    return int(total_batch_size) // per_step

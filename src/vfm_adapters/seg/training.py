@@ -58,11 +58,14 @@ Config reference (YAML or JSON; every key optional except the data)::
       min_lr: 0.0
       warmup_iters: 0
       warmup_ratio: 1.0e-6
+      schedule: poly                       # poly (warm-up x one poly curve) | warmup_poly_restart (the
+                                           # authors' ACDC: LinearLR, then PolyLR restarting after warm-up)
       grad_clip: null
     train:
       iterations: 40000
       batch_size: 4                        # per process
       grad_accum: 1
+      total_batch_size: null               # if set: grad_accum = total / (batch_size x processes)
       seed: 0
       mixed_precision: auto                # auto = bf16 on CUDA, else no
       log_interval: 50
@@ -118,10 +121,10 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "optim": {
         "lr": 1e-4, "weight_decay": 0.05, "betas": [0.9, 0.999], "backbone_lr_mult": 0.1, "poly_power": 0.9,
         "min_lr": 0.0, "warmup_iters": 0, "warmup_ratio": 1e-6, "grad_clip": None,
-        "no_decay": "authors",
+        "no_decay": "authors", "schedule": "poly",
     },
     "train": {
-        "iterations": 40000, "batch_size": 4, "grad_accum": 1, "seed": 0, "mixed_precision": "auto",
+        "iterations": 40000, "batch_size": 4, "grad_accum": 1, "total_batch_size": None, "seed": 0, "mixed_precision": "auto",
         "log_interval": 50, "checkpoint_interval": 1000, "eval_interval": 0, "output_dir": "runs/segmentation",
     },
     "eval": {"mode": "slide", "crop": 512, "stride": 341, "limit": None},
@@ -192,6 +195,8 @@ def _validate(config: dict[str, Any]) -> None:
         config["train"]["mixed_precision"] = "no"
     if config["train"]["mixed_precision"] not in ("auto", "no", "bf16", "fp16"):
         raise ConfigError("train.mixed_precision must be auto, no, bf16 or fp16")
+    if config["optim"]["schedule"] not in ("poly", "warmup_poly_restart"):
+        raise ConfigError("optim.schedule must be 'poly' or 'warmup_poly_restart' (the authors' ACDC schedule)")
     if config["data"]["resize"] not in ("ratio_range", "short_side_choice"):
         raise ConfigError("data.resize must be 'ratio_range' or 'short_side_choice' (the Rein authors' recipe)")
     if config["eval"]["mode"] not in ("slide", "whole"):
@@ -559,8 +564,14 @@ def train(config: str | os.PathLike | Mapping[str, Any], resume: bool = False, s
                                   lr=oc["lr"], betas=tuple(oc["betas"]))
     total = int(tc["iterations"])
     min_ratio = oc["min_lr"] / oc["lr"] if oc["lr"] > 0 else 0.0
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: poly_factor(
-        step, total, oc["poly_power"], oc["warmup_iters"], oc["warmup_ratio"], min_ratio))
+    if oc["schedule"] == "warmup_poly_restart":
+        from ..optim import warmup_poly_restart_factor
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup_poly_restart_factor(
+            step, total, int(oc["warmup_iters"]), oc["warmup_ratio"], oc["poly_power"], min_ratio))
+    else:
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: poly_factor(
+            step, total, oc["poly_power"], oc["warmup_iters"], oc["warmup_ratio"], min_ratio))
 
     start = 0
     checkpoint_path = output_dir / CHECKPOINT_NAME
@@ -580,7 +591,15 @@ def train(config: str | os.PathLike | Mapping[str, Any], resume: bool = False, s
                                 mc["mean"], mc["std"], resize=dc["resize"], short_sides=dc["short_sides"],
                                 max_long_side=dc["max_long_side"])
     batch, accum, world = int(tc["batch_size"]), int(tc["grad_accum"]), accelerator.num_processes
+    if tc.get("total_batch_size") is not None:
+        from ..optim import resolve_grad_accum
+
+        try:
+            accum = resolve_grad_accum(batch, accum, tc["total_batch_size"], world)
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
     per_step = batch * accum * world
+    say(f"effective batch {per_step} = {batch} per process x {accum} accumulation step(s) x {world} process(es)")
     end = total if stop_after is None else min(total, start + int(stop_after))
     sampler = StreamSampler([len(s) for s in sources], weights, seed=seed, start=start * per_step,
                             length=(end - start) * per_step, rank=accelerator.process_index, world_size=world)
