@@ -370,3 +370,106 @@ def test_effective_batch_by_accumulation_is_printed(tmp_path):
         assert "total_batch_size" in str(error)
     else:
         raise AssertionError("a total batch that the per-process batch does not divide must be refused")
+
+
+# ----------------------------------------------------------------------------- 4. Mapillary
+#: The 66 Mapillary Vistas v1.2 class names (config_v1.2.json order).
+VISTAS_V12 = (
+    "Bird", "Ground Animal", "Curb", "Fence", "Guard Rail", "Barrier", "Wall", "Bike Lane", "Crosswalk - Plain",
+    "Curb Cut", "Parking", "Pedestrian Area", "Rail Track", "Road", "Service Lane", "Sidewalk", "Bridge", "Building",
+    "Tunnel", "Person", "Bicyclist", "Motorcyclist", "Other Rider", "Lane Marking - Crosswalk",
+    "Lane Marking - General", "Mountain", "Sand", "Sky", "Snow", "Terrain", "Vegetation", "Water", "Banner", "Bench",
+    "Bike Rack", "Billboard", "Catch Basin", "CCTV Camera", "Fire Hydrant", "Junction Box", "Mailbox", "Manhole",
+    "Phone Booth", "Pothole", "Street Light", "Pole", "Traffic Sign Frame", "Utility Pole", "Traffic Light",
+    "Traffic Sign (Back)", "Traffic Sign (Front)", "Trash Can", "Bicycle", "Boat", "Bus", "Car", "Caravan",
+    "Motorcycle", "On Rails", "Other Vehicle", "Trailer", "Truck", "Wheeled Slow", "Car Mount", "Ego Vehicle",
+    "Unlabeled",
+)
+
+
+def test_mapillary_table_is_the_authors_for_all_66_ids():
+    from vfm_adapters.seg.datasets import CITYSCAPES_CLASSES, MAPILLARY_ID_TO_TRAINID, make_lut
+
+    assert len(VISTAS_V12) == 66
+    expected = {
+        "road": {"Bike Lane", "Crosswalk - Plain", "Parking", "Road", "Service Lane", "Lane Marking - Crosswalk",
+                 "Lane Marking - General"},
+        "sidewalk": {"Curb", "Curb Cut", "Pedestrian Area", "Sidewalk"}, "building": {"Building"}, "wall": {"Wall"},
+        "fence": {"Fence"}, "pole": {"Street Light", "Pole", "Utility Pole"}, "traffic light": {"Traffic Light"},
+        "traffic sign": {"Traffic Sign Frame", "Traffic Sign (Back)", "Traffic Sign (Front)"},
+        "vegetation": {"Vegetation"}, "terrain": {"Terrain"}, "sky": {"Sky"}, "person": {"Person"},
+        "rider": {"Bicyclist", "Motorcyclist", "Other Rider"}, "car": {"Car"}, "truck": {"Truck"}, "bus": {"Bus"},
+        "train": {"On Rails"}, "motorcycle": {"Motorcycle"}, "bicycle": {"Bicycle"},
+    }
+    by_name = {name: CITYSCAPES_CLASSES.index(cls) for cls, names in expected.items() for name in names}
+    lut = make_lut(MAPILLARY_ID_TO_TRAINID)
+    for vistas_id, name in enumerate(VISTAS_V12):
+        assert lut[vistas_id] == by_name.get(name, 255), (vistas_id, name)
+    assert lut[41] == 255 and VISTAS_V12[41] == "Manhole"
+    assert sorted(set(MAPILLARY_ID_TO_TRAINID)) == sorted(VISTAS_V12.index(n) for n in by_name)
+
+
+def test_prepare_mapillary_half_then_keep_ratio_into_1024x512(tmp_path, capsys):
+    import numpy as np
+    from PIL import Image
+
+    from vfm_adapters.cli import main
+    from vfm_adapters.seg.datasets import MAPILLARY_ID_TO_TRAINID, Mapillary
+    from vfm_adapters.seg.transforms import rescale_size
+
+    root = tmp_path / "mapillary"
+    (root / "validation/images").mkdir(parents=True)
+    (root / "validation/v1.2/labels").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    ids = np.kron(rng.integers(0, 66, (17, 23)), np.ones((6, 6), dtype=np.int64))[:102, :137].astype(np.uint8)
+    Image.fromarray(rng.integers(0, 256, (102, 137, 3), dtype=np.uint8)).save(root / "validation/images/a.jpg")
+    label = Image.frombytes("P", (137, 102), ids.tobytes())
+    label.putpalette(list(rng.integers(0, 256, 768)))
+    label.save(root / "validation/v1.2/labels/a.png")
+    out = tmp_path / "half"
+    assert main(["prepare", "mapillary", "--root", str(root), "--output", str(out), "--half"]) == 0
+    assert "1 written" in capsys.readouterr().out
+    with Image.open(out / "validation/images/a.jpg") as image, Image.open(out / "validation/labels/a.png") as halved:
+        assert image.size == (68, 51) and halved.size == (68, 51) and halved.mode == "P"
+        stored = np.asarray(halved)
+    assert set(np.unique(stored)) <= set(np.unique(ids))  # nearest: no blended ids
+    assert np.array_equal(stored, np.asarray(label.resize((68, 51), Image.NEAREST)))
+    sample = Mapillary(out, "validation")[0]
+    assert sample["image"].shape == (3, 51, 68) and sample["label"].shape == (51, 68)
+    lut = {k: v for k, v in MAPILLARY_ID_TO_TRAINID.items()}
+    assert np.array_equal(sample["label"].numpy(), np.vectorize(lambda v: lut.get(int(v), 255))(stored))
+    # again: the existing files are kept, the dataset itself is never a target
+    assert main(["prepare", "mapillary", "--root", str(root), "--output", str(out), "--half"]) == 0
+    assert "1 already there" in capsys.readouterr().out
+    try:
+        main(["prepare", "mapillary", "--root", str(root), "--output", str(root), "--half"])
+    except ValueError as error:
+        assert "dataset itself" in str(error)
+    else:
+        raise AssertionError("halving a dataset onto itself must be refused")
+    # a typical Vistas image (4032x3024) halved, then keep-ratio into (1024, 512)
+    assert rescale_size(3024 // 2, 4032 // 2, (1024, 512)) == (512, 683)
+    assert rescale_size(2448 // 2, 3264 // 2, (1024, 512)) == (512, 683)
+
+
+def test_keep_ratio_scale_at_test_time_scores_at_the_label_size():
+    from vfm_adapters.seg.inference import evaluate, predict
+
+    class Recorder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.zeros(1))
+            self.sizes = []
+
+        def forward(self, x):
+            self.sizes.append(tuple(x.shape[-2:]))
+            return torch.zeros(x.shape[0], 3, *x.shape[-2:])
+
+    model = Recorder()
+    image = torch.zeros(3, 120, 160, dtype=torch.uint8)  # a half-size file
+    out = predict(model, image, 3, mode="whole", scale=(1024, 512))
+    assert model.sizes == [(512, 683)] and out.shape == (120, 160)  # 4:3 into (1024, 512): 683x512, scored at 160x120
+    model.sizes.clear()
+    result = evaluate(model, [{"image": image, "label": torch.zeros(120, 160, dtype=torch.long)}], 3, mode="whole",
+                      scale=(1024, 512))
+    assert model.sizes == [(512, 683)] and result["images"] == 1

@@ -501,6 +501,8 @@ def build_val_sets(config: Mapping[str, Any]) -> dict[str, tuple[Any, dict]]:
     for i, spec in enumerate(config["data"]["val"]):
         name = spec.get("name") or f"{spec.get('type')}{'' if i == 0 else i}"
         options = {"resize": tuple(spec["resize"])} if spec.get("resize") else {}
+        if spec.get("scale"):  # keep-ratio into (long, short), e.g. half-size Mapillary into (1024, 512)
+            options["scale"] = tuple(spec["scale"])
         sets[name] = (build_dataset(spec), options)
     return sets
 
