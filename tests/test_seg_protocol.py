@@ -473,3 +473,30 @@ def test_keep_ratio_scale_at_test_time_scores_at_the_label_size():
     result = evaluate(model, [{"image": image, "label": torch.zeros(120, 160, dtype=torch.long)}], 3, mode="whole",
                       scale=(1024, 512))
     assert model.sizes == [(512, 683)] and result["images"] == 1
+
+
+# ----------------------------------------------------------------------------- 9. whole-segmentor report
+def test_report_config_on_every_paper_config(capsys):
+    import json
+
+    import yaml
+
+    from vfm_adapters.cli import main
+
+    expected = yaml.safe_load((PAPER / "expected_miou.yaml").read_text())
+    multilevel_1024 = 4 * (1024 * 1024 + 1024) + 4 * (9 * 1024 * 1024 + 1024)
+    for path in PAPER_CONFIGS:
+        assert main(["report", "--config", str(path), "--json"]) == 0
+        counts = json.loads(capsys.readouterr().out)
+        assert all(isinstance(counts[k], int) for k in ("adapters", "neck", "head", "total")), path.name
+        assert f"{(counts['adapters'] + counts['backbone']) / 1e6:.2f}M" == expected[path.name]["trainable"], path.name
+        assert counts["neck"] == (multilevel_1024 if "clip" in path.name else 0), path.name
+        assert counts["head"] > 0
+        assert counts["total"] == counts["adapters"] + counts["backbone"] + counts["neck"] + counts["head"]
+        if path.name == "gtav_dinov2_l_rein.yaml":
+            assert counts["adapters"] == 2_990_081 and counts["neck"] == 0 and counts["backbone"] == 0
+        if path.name == "gtav_dinov2_l_full.yaml":
+            assert counts["adapters"] == 0 and counts["backbone"] > 300_000_000
+    assert main(["report", "--config", str(PAPER / "gtav_dinov2_l_rein.yaml")]) == 0
+    text = capsys.readouterr().out
+    assert "2,990,081" in text and "paper column (adapters + backbone): 2.99M" in text
