@@ -44,7 +44,7 @@ def test_multilevel_neck_matches_mmseg_structure():
     lateral, conv = neck.lateral_convs[0], neck.convs[0]
     expected = conv(F.interpolate(lateral(x), scale_factor=4.0, mode="bilinear", align_corners=False))
     assert torch.allclose(out[0], expected)
-    assert all(float(c.bias.abs().sum()) == 0 for c in neck.convs)
+    assert all(float(c.bias.detach().abs().sum()) == 0 for c in neck.convs)
 
 
 def test_learnable_neck_kept_and_unknown_neck_rejected():
@@ -127,9 +127,10 @@ def test_random_choice_resize_draws_only_the_16_short_sides_and_caps_the_long_si
     resize = RandomChoiceResize(sides, max_long_side=2048, image_mode="nearest")
     rng = np.random.default_rng(0)
     seen_gta, capped = set(), 0
-    gta = {"image": torch.zeros(3, 1052, 1914, dtype=torch.uint8), "label": torch.zeros(1052, 1914, dtype=torch.long)}
-    wide = {"image": torch.zeros(3, 100, 300, dtype=torch.uint8), "label": torch.zeros(100, 300, dtype=torch.long)}
-    for _ in range(300):
+    # one channel keeps the test fast; the sizes do not depend on the channels
+    gta = {"image": torch.zeros(1, 1052, 1914, dtype=torch.uint8), "label": torch.zeros(1052, 1914, dtype=torch.uint8)}
+    wide = {"image": torch.zeros(1, 100, 300, dtype=torch.uint8), "label": torch.zeros(100, 300, dtype=torch.uint8)}
+    for _ in range(120):
         out = resize(gta, rng=rng)
         h, w = out["image"].shape[-2:]
         assert out["label"].shape == (h, w) and h in sides and max(h, w) <= 2048
