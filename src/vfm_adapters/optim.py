@@ -71,8 +71,8 @@ def no_decay_names(model: nn.Module, trainable_only: bool = True) -> dict[str, b
     for name, param in model.named_parameters():
         if trainable_only and not param.requires_grad:
             continue
-        exempt = isinstance(owners.get(name), _NORM_TYPES) or any(key in authors_name(name) for key in AUTHORS_NO_DECAY_KEYS)
-        out[name] = exempt
+        theirs = authors_name(name)
+        out[name] = isinstance(owners.get(name), _NORM_TYPES) or any(key in theirs for key in AUTHORS_NO_DECAY_KEYS)
     return out
 
 

@@ -263,7 +263,8 @@ class MultiLevelNeck(nn.Module):
         True
     """
 
-    def __init__(self, channels: int, scales: Sequence[float] = (4, 2, 1, 0.5), out_channels: int | None = None) -> None:
+    def __init__(self, channels: int, scales: Sequence[float] = (4, 2, 1, 0.5),
+                 out_channels: int | None = None) -> None:
         super().__init__()
         out_channels = int(channels if out_channels is None else out_channels)
         self.scales = [float(s) for s in scales]
