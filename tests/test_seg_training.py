@@ -105,7 +105,7 @@ def test_parameter_groups_put_no_decay_on_tokens_scale_norms_biases():
     torch.manual_seed(0)
     vit = timm.create_model("vit_small_patch14_dinov2", depth=2, embed_dim=32, num_heads=2, img_size=28)
     model = Segmentor(va.inject_rein(vit, token_length=4, rank=2, link_queries=False), 3, head_channels=8)
-    groups = parameter_groups(model, lr=1e-4, weight_decay=0.05)
+    groups = parameter_groups(model, lr=1e-4, weight_decay=0.05, no_decay="small_tensors")
     names = {name: group["weight_decay"] for group in groups for name in group["names"]}
     rein = "features.model.vfm_adapters.rein."
     for key in ("tokens_a", "tokens_b", "scale", "token_to_feature.bias"):

@@ -65,6 +65,7 @@ _EXPORTS: dict[str, str] = {
     "import_official_rein": ".official",
     "HostLoadResult": ".host_weights",
     "load_host_state_dict": ".host_weights",
+    "param_groups": ".optim",
 }
 
 __all__ = ["__version__", *_EXPORTS]
@@ -107,3 +108,4 @@ if TYPE_CHECKING:  # static type checkers and IDEs see the eager imports
     from .hub import from_pretrained, push_adapters_to_hub, resolve_adapter_source, save_pretrained
     from .official import export_official_rein, import_official_rein
     from .host_weights import HostLoadResult, load_host_state_dict
+    from .optim import param_groups

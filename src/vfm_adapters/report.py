@@ -59,3 +59,33 @@ def parameter_report(model: nn.Module) -> str:
     share = 100.0 * trainable / total if total else 0.0
     lines.append(f"{'all':<28} {trainable:>12,} {total:>14,}   ({share:.2f}% trainable, {format_count(trainable)})")
     return "\n".join(lines)
+
+
+def segmentor_parameter_counts(segmentor: nn.Module) -> dict[str, int]:
+    """Trainable parameters per component of a segmentor (``backbone``, ``neck``, ``head``).
+
+    ``adapters`` are the injected methods' parameters, ``backbone`` the host's own
+    trainable weights (non-zero only for full fine-tuning), ``total`` all of them; the
+    paper's "trainable parameters" column is ``adapters + backbone`` (head excluded).
+
+    Example:
+        >>> import timm, vfm_adapters as va
+        >>> from vfm_adapters.seg import Segmentor
+        >>> vit = va.inject_rein(timm.create_model("vit_small_patch14_dinov2", depth=2, embed_dim=32,
+        ...                      num_heads=2, img_size=28), link_queries=False)
+        >>> counts = segmentor_parameter_counts(Segmentor(vit, 3, neck="interpolate", head_channels=8))
+        >>> counts["adapters"] == va.trainable_parameters(vit), counts["neck"], counts["backbone"]
+        (True, 0, 0)
+    """
+    from .methods.base import adapter_parameters
+
+    def trainable(params) -> int:
+        return sum(p.numel() for p in params if p.requires_grad)
+
+    backbone = segmentor.backbone
+    adapter_ids = {id(p) for p in adapter_parameters(backbone)}
+    adapters = trainable(p for p in backbone.parameters() if id(p) in adapter_ids)
+    host = trainable(p for p in backbone.parameters() if id(p) not in adapter_ids)
+    neck, head = trainable(segmentor.neck.parameters()), trainable(segmentor.head.parameters())
+    return {"adapters": adapters, "backbone": host, "neck": neck, "head": head,
+            "total": trainable(segmentor.parameters())}

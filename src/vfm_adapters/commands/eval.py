@@ -114,10 +114,13 @@ def _evaluate(args: argparse.Namespace) -> int:
         name = entry.get("name") or f"{entry['type']}{i}"
         dataset = build_dataset(entry)
         size = resize.get(name) or (tuple(entry["resize"]) if entry.get("resize") else None)
+        # keep-ratio test resize (e.g. half-size Mapillary into (1024, 512)), unless --resize overrides it
+        scale = tuple(entry["scale"]) if entry.get("scale") and name not in resize else None
         results[name] = evaluate(model, dataset, num_classes, mode=args.mode or eval_cfg["mode"],
                                  crop=int(eval_cfg["crop"]) if args.crop is None else args.crop,
                                  stride=int(eval_cfg["stride"]) if args.stride is None else args.stride,
-                                 resize=size, mean=model.mean, std=model.std, limit=args.limit, progress=True)
+                                 resize=size if scale is None else None, mean=model.mean, std=model.std,
+                                 limit=args.limit, progress=True, scale=scale)
         print(f"{name}: mIoU {results[name]['mIoU']:.2f} on {results[name]['images']} images")
     print(results_table({Path(args.run_dir).name: results}, per_class=args.per_class))
     if args.output:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 
 NAME = "report"
-HELP = "inject a method into a timm model built on the meta device and print its parameter report"
+HELP = ("print the parameter report of a method injected into a timm model, or (--config) of a training "
+        "config's whole segmentor, built on the meta device")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -13,9 +14,41 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--method", default="rein", help="adapter method (default: %(default)s)")
     parser.add_argument("--depth", type=int, default=None, help="override the number of blocks")
     parser.add_argument("--embed-dim", type=int, default=None, help="override the width")
+    parser.add_argument("--config", default=None,
+                        help="a training config (e.g. examples/configs/paper/gtav_dinov2_l_rein.yaml): report its "
+                             "segmentor's trainable parameters per component (adapters, backbone, neck, head)")
+    parser.add_argument("--json", action="store_true", help="with --config: print the counts as JSON")
+
+
+def _report_config(path: str, as_json: bool) -> int:
+    import json
+
+    import torch
+
+    from vfm_adapters.report import format_count, segmentor_parameter_counts
+    from vfm_adapters.seg.training import build_segmentor, load_config
+
+    config = load_config(path)
+    model_config = dict(config["model"], pretrained=False, backbone_checkpoint=None)  # meta: no weights read
+    with torch.device("meta"):
+        segmentor = build_segmentor(model_config)
+    counts = segmentor_parameter_counts(segmentor)
+    if as_json:
+        print(json.dumps({"config": str(path), "methods": list(model_config.get("methods") or []), **counts}))
+        return 0
+    print(f"{path}: {model_config['backbone']} + {', '.join(model_config.get('methods') or ['freeze'])}, "
+          f"neck {model_config.get('neck')}, head {model_config.get('head')}")
+    for key in ("adapters", "backbone", "neck", "head", "total"):
+        print(f"{key:<10} {counts[key]:>14,}  ({format_count(counts[key])})")
+    print(f"paper column (adapters + backbone): {format_count(counts['adapters'] + counts['backbone'])}")
+    return 0
 
 
 def run(args: argparse.Namespace) -> int:
+    if getattr(args, "config", None):
+        return _report_config(args.config, bool(args.json))
+    if getattr(args, "json", False):
+        raise SystemExit("--json needs --config")
     import timm
     import torch
 

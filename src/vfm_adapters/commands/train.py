@@ -25,6 +25,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--iterations", type=int, default=None, help="override train.iterations")
     parser.add_argument("--stop-after", type=int, default=None,
                         help="stop (after checkpointing) once this many steps ran; continue later with --resume")
+    parser.add_argument("--mixed-precision", choices=("auto", "no", "bf16", "fp16"), default=None,
+                        help="override train.mixed_precision (the paper configs train in fp32: 'no')")
+    parser.add_argument("--bf16", action="store_const", const="bf16", dest="mixed_precision",
+                        help="shorthand for --mixed-precision bf16 (faster, not the authors' fp32)")
     parser.add_argument("--no-eval", action="store_true", help="skip the evaluation at the end")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     add_threads_argument(parser)
@@ -40,6 +44,8 @@ def run(args: argparse.Namespace) -> int:
         config["train"]["output_dir"] = args.output_dir
     if args.iterations is not None:
         config["train"]["iterations"] = args.iterations
+    if getattr(args, "mixed_precision", None) is not None:
+        config["train"]["mixed_precision"] = args.mixed_precision
     with torch_threads(args.threads):
         outcome = train(config, resume=args.resume, overwrite=args.overwrite, stop_after=args.stop_after,
                         progress=not args.no_progress, evaluate_at_end=not args.no_eval)

@@ -29,7 +29,7 @@ from .datasets import (
     Synthia,
     build_dataset,
 )
-from .features import BackboneFeatures, MultiScaleNeck, default_layers
+from .features import BackboneFeatures, InterpolationNeck, MultiLevelNeck, MultiScaleNeck, build_neck, default_layers
 from .heads import FPNHead, LinearHead, Segmentor, segmentation_loss
 from .daformer_head import DAFormerHead  # registers HEADS["daformer"]
 from .inference import evaluate, predict, slide_inference, whole_inference
@@ -43,6 +43,8 @@ from .transforms import (
     PhotoMetricDistortion,
     RandomCrop,
     RandomFlip,
+    Pad,
+    RandomChoiceResize,
     RandomRescale,
     Resize,
     eval_transform,
@@ -59,3 +61,4 @@ __all__ = [
     "load_config", "load_segmentor", "mix_datasets", "predict", "results_table", "save_segmentor",
     "segmentation_loss", "slide_inference", "summarize", "train", "train_transform", "whole_inference",
 ]
+__all__ += ["InterpolationNeck", "MultiLevelNeck", "build_neck", "Pad", "RandomChoiceResize"]

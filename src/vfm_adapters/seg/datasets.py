@@ -46,11 +46,21 @@ SYNTHIA_ID_TO_TRAINID: dict[int, int] = {
     19: 15, 12: 17, 11: 18,
 }
 
-#: Mapillary Vistas v1.2 (66 classes) ids -> train ids.
+#: Mapillary Vistas v1.2 (66 classes) ids -> train ids: the Rein authors' mapping (their
+#: name rules in ``tools/convert_datasets/mapillary2cityscape.py``): road includes bike
+#: lane, plain crosswalk, parking, service lane and lane markings; sidewalk curb, curb
+#: cut and pedestrian area; pole street light and utility pole; sign the sign frame and
+#: both sign faces; 41 (manhole) and every other id are ignored (255).
 MAPILLARY_ID_TO_TRAINID: dict[int, int] = {
-    13: 0, 24: 0, 41: 0, 2: 1, 15: 1, 17: 2, 6: 3, 3: 4, 45: 5, 47: 5, 48: 6, 50: 7, 30: 8,
-    29: 9, 27: 10, 19: 11, 20: 12, 21: 12, 22: 12, 55: 13, 61: 14, 54: 15, 58: 16, 57: 17,
-    52: 18,
+    7: 0, 8: 0, 10: 0, 13: 0, 14: 0, 23: 0, 24: 0,  # road
+    2: 1, 9: 1, 11: 1, 15: 1,  # sidewalk
+    17: 2, 6: 3, 3: 4,  # building, wall, fence
+    44: 5, 45: 5, 47: 5,  # pole
+    48: 6,  # traffic light
+    46: 7, 49: 7, 50: 7,  # traffic sign
+    30: 8, 29: 9, 27: 10, 19: 11,  # vegetation, terrain, sky, person
+    20: 12, 21: 12, 22: 12,  # rider (bicyclist, motorcyclist, other rider)
+    55: 13, 61: 14, 54: 15, 58: 16, 57: 17, 52: 18,  # car, truck, bus, train (on rails), motorcycle, bicycle
 }
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
@@ -320,9 +330,12 @@ class BDD100K(SegmentationDataset):
 class Mapillary(SegmentationDataset):
     """Mapillary Vistas v1.2 (``split``: training/validation; train/val accepted).
 
-    The 66 v1.2 ids are mapped to the 19 Cityscapes classes (REFERENCE.md section 5).
-    Labels are read from ``<split>/labels`` or, in a Vistas 2.0 download, from
-    ``<split>/v1.2/labels``.
+    The 66 v1.2 ids are mapped to the 19 Cityscapes classes as the Rein authors do
+    (:data:`MAPILLARY_ID_TO_TRAINID`). Labels are read from ``<split>/labels`` or, in a
+    Vistas 2.0 download, from ``<split>/v1.2/labels``. The authors evaluate on files
+    halved first (``vfm-adapters prepare mapillary --half``, same layout), resized
+    keep-ratio into (1024, 512) for inference (``scale: [1024, 512]`` in ``data.val``)
+    and scored against the half-size labels.
     """
 
     layout = "<root>/<training|validation>/images/*.jpg and <root>/<training|validation>/labels/*.png (v1.2 ids)"
@@ -430,7 +443,7 @@ def build_dataset(spec: Mapping[str, Any], transform: Callable | None = None) ->
         >>> ds[0]["image"].shape
         torch.Size([3, 32, 32])
     """
-    options = {k: v for k, v in spec.items() if k not in ("type", "name", "weight", "resize")}
+    options = {k: v for k, v in spec.items() if k not in ("type", "name", "weight", "resize", "scale")}
     kind = str(spec.get("type", "")).lower()
     if kind == "synthetic":
         from .synthetic import SyntheticScenes

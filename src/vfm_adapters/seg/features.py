@@ -12,10 +12,15 @@ On a hierarchical host (ResNet, ConvNeXt, Swin, SAM 2's Hiera) the default featu
 the outputs of each stage's last block, already at strides 4/8/16/32 with the stages'
 widths; use neck scales ``(1, 1, 1, 1)`` there.
 
-:class:`MultiScaleNeck` turns the single-stride maps into the strides 4/8/16/32 that
-an FPN-style head expects, as in Rein's mmseg setup: x4 (two 2x2 transposed
-convolutions with a norm and GELU between), x2 (one transposed convolution), x1
-(identity), x0.5 (2x2 max pooling).
+:class:`InterpolationNeck` turns the single-stride maps into the strides 4/8/16/32
+that a multi-scale head expects the way the Rein authors do for DINOv2, EVA02 and
+SAM: parameter-free bilinear resizing by x4, x2, x1, x0.5. :class:`MultiLevelNeck` is
+the equivalent of mmseg's ``MultiLevelNeck`` (1x1 lateral convolution, bilinear
+resize, 3x3 convolution), which their CLIP-L setup uses. :class:`MultiScaleNeck` is
+a learnable neck of this library (transposed convolutions up, max pooling down, in
+the style of ViTDet/BEiT); it is NOT the paper's and adds about 12.6M trainable
+parameters at width 1024. :func:`build_neck` picks one by name (config key
+``model.neck``).
 """
 
 from __future__ import annotations
@@ -220,10 +225,15 @@ def _norm(channels: int) -> nn.GroupNorm:
 
 
 class MultiScaleNeck(nn.Module):
-    """Resamples single-stride ViT maps by ``scales`` (default x4, x2, x1, x0.5).
+    """Learnable resampling of single-stride ViT maps by ``scales`` (default x4, x2, x1, x0.5).
 
-    With patch 16 this gives strides 4/8/16/32. Normalisation is GroupNorm rather than
-    mmseg's SyncBN, so results do not depend on the batch size or the number of GPUs.
+    This library's own learnable neck (``model.neck: learnable``), not the Rein paper's:
+    x4 is two 2x2 transposed convolutions with a norm and GELU between, x2 one
+    transposed convolution, x1 the identity, x0.5 2x2 max pooling (about 12.6M
+    parameters at width 1024). The paper's setups use :class:`InterpolationNeck`
+    (DINOv2, EVA02, SAM) or :class:`MultiLevelNeck` (CLIP). With patch 16 this gives
+    strides 4/8/16/32. Normalisation is GroupNorm, so results do not depend on the
+    batch size or the number of GPUs.
     Scales ``(1, 1, 1, 1)`` pass a hierarchical host's stage maps through unchanged.
 
     Args:
@@ -239,9 +249,8 @@ class MultiScaleNeck(nn.Module):
     def __init__(self, channels: int | Sequence[int], scales: Sequence[float] = (4, 2, 1, 0.5)) -> None:
         super().__init__()
         self.scales = [float(s) for s in scales]
-        widths = [int(channels)] * len(self.scales) if isinstance(channels, int) else [int(c) for c in channels]
-        if len(widths) != len(self.scales):
-            raise ValueError(f"MultiScaleNeck got {len(widths)} channel counts for {len(self.scales)} scales")
+        widths = _widths(channels, len(self.scales), "MultiScaleNeck")
+        self.out_channels = widths
         branches = []
         for channels, scale in zip(widths, self.scales):
             if scale == 4:
@@ -269,3 +278,114 @@ class MultiScaleNeck(nn.Module):
                 size = (max(1, round(feature.shape[-2] * scale)), max(1, round(feature.shape[-1] * scale)))
                 out.append(F.interpolate(feature, size=size, mode="bilinear", align_corners=False))
         return out
+
+
+def _widths(channels: int | Sequence[int], count: int, neck: str) -> list[int]:
+    """One width per input map from one shared width or a list (stage maps of a CNN differ)."""
+    widths = [int(channels)] * count if isinstance(channels, int) else [int(c) for c in channels]
+    if len(widths) != count:
+        raise ValueError(f"{neck} got {len(widths)} channel counts for {count} scales")
+    return widths
+
+
+def _check_count(features: Sequence[Tensor], expected: int) -> None:
+    if len(features) != expected:
+        raise ValueError(f"the neck expects {expected} feature maps, got {len(features)}")
+
+
+def _resize_by(feature: Tensor, scale: float) -> Tensor:
+    if scale == 1:
+        return feature
+    return F.interpolate(feature, scale_factor=scale, mode="bilinear", align_corners=False)
+
+
+class InterpolationNeck(nn.Module):
+    """The Rein authors' parameter-free neck: bilinear resizing of each map by its scale.
+
+    Their DINOv2/EVA02/SAM backbones return the block maps resized by x4, x2, x1, x0.5
+    (``F.interpolate(scale_factor=s, mode="bilinear", align_corners=False)``), which at
+    patch 16 gives strides 4/8/16/32 with nothing trained between backbone and head.
+
+    Args:
+        channels: Channels of every input map, or one value per map (passed through).
+        scales: One factor per input map.
+
+    Example:
+        >>> neck = InterpolationNeck(16)
+        >>> [tuple(f.shape[-2:]) for f in neck([torch.randn(1, 16, 8, 8)] * 4)], len(list(neck.parameters()))
+        ([(32, 32), (16, 16), (8, 8), (4, 4)], 0)
+    """
+
+    def __init__(self, channels: int | Sequence[int], scales: Sequence[float] = (4, 2, 1, 0.5)) -> None:
+        super().__init__()
+        self.scales = [float(s) for s in scales]
+        self.out_channels = _widths(channels, len(self.scales), "InterpolationNeck")
+        if any(s <= 0 for s in self.scales):
+            raise ValueError(f"neck scales must be positive, got {list(scales)}")
+
+    def forward(self, features: Sequence[Tensor]) -> list[Tensor]:
+        _check_count(features, len(self.scales))
+        return [_resize_by(feature, scale) for feature, scale in zip(features, self.scales)]
+
+
+class MultiLevelNeck(nn.Module):
+    """An equivalent of mmseg's ``MultiLevelNeck`` (the Rein authors' CLIP-L setup).
+
+    Per map: a 1x1 lateral convolution to ``out_channels``, bilinear resizing by its
+    scale, then a 3x3 convolution; no norm, no activation, convolutions with bias and
+    Xavier-uniform weights (mmseg's ``init_weights``).
+
+    Args:
+        channels: Channels of every input map, or one value per map.
+        scales: One factor per input map.
+        out_channels: Output channels of every map (default ``channels``, as in their
+            CLIP-L config; required when the input widths differ).
+
+    Example:
+        >>> neck = MultiLevelNeck(8)
+        >>> [tuple(f.shape[1:]) for f in neck([torch.randn(1, 8, 4, 4)] * 4)]
+        [(8, 16, 16), (8, 8, 8), (8, 4, 4), (8, 2, 2)]
+        >>> sum(p.numel() for p in neck.parameters()) == 4 * (8 * 8 + 8) + 4 * (8 * 8 * 9 + 8)
+        True
+    """
+
+    def __init__(self, channels: int | Sequence[int], scales: Sequence[float] = (4, 2, 1, 0.5),
+                 out_channels: int | None = None) -> None:
+        super().__init__()
+        self.scales = [float(s) for s in scales]
+        widths = _widths(channels, len(self.scales), "MultiLevelNeck")
+        if out_channels is None and len(set(widths)) > 1:
+            raise ValueError(f"MultiLevelNeck: the input widths differ ({widths}); give out_channels")
+        out_channels = int(widths[0] if out_channels is None else out_channels)
+        self.out_channels = [out_channels] * len(self.scales)
+        self.lateral_convs = nn.ModuleList(nn.Conv2d(width, out_channels, 1) for width in widths)
+        self.convs = nn.ModuleList(nn.Conv2d(out_channels, out_channels, 3, padding=1) for _ in self.scales)
+        for conv in [*self.lateral_convs, *self.convs]:
+            nn.init.xavier_uniform_(conv.weight)
+            nn.init.zeros_(conv.bias)
+
+    def forward(self, features: Sequence[Tensor]) -> list[Tensor]:
+        _check_count(features, len(self.scales))
+        return [conv(_resize_by(lateral(feature), scale))
+                for feature, lateral, conv, scale in zip(features, self.lateral_convs, self.convs, self.scales)]
+
+
+#: Neck names accepted by ``model.neck`` and :func:`build_neck`.
+NECKS: dict[str, type[nn.Module]] = {
+    "interpolate": InterpolationNeck,
+    "multilevel": MultiLevelNeck,
+    "learnable": MultiScaleNeck,
+}
+
+
+def build_neck(kind: str, channels: int | Sequence[int], scales: Sequence[float] = (4, 2, 1, 0.5)) -> nn.Module:
+    """The neck called ``kind``: ``interpolate`` (the paper's, no parameters), ``multilevel``
+    (mmseg's MultiLevelNeck, the paper's CLIP-L setup) or ``learnable`` (this library's).
+
+    Example:
+        >>> type(build_neck("interpolate", 16)).__name__
+        'InterpolationNeck'
+    """
+    if kind not in NECKS:
+        raise ValueError(f"unknown neck {kind!r}; choose one of {sorted(NECKS)}")
+    return NECKS[kind](channels, scales)

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .datasets import IGNORE_INDEX
-from .features import BackboneFeatures, MultiScaleNeck, check_stage_scales
+from .features import BackboneFeatures, build_neck, check_stage_scales
 
 
 def _norm(channels: int) -> nn.GroupNorm:
@@ -37,6 +37,8 @@ class FPNHead(nn.Module):
         num_classes: Output classes.
         channels: Internal width.
         dropout: Dropout before the classifier.
+        neck: ``"learnable"`` (default), ``"interpolate"`` (the paper's, parameter-free)
+            or ``"multilevel"``; see :func:`~vfm_adapters.seg.features.build_neck`.
 
     Example:
         >>> head = FPNHead([8, 8, 8, 8], num_classes=5, channels=16)
@@ -138,6 +140,7 @@ class Segmentor(nn.Module):
         head_channels: int = 128,
         scales: Sequence[float] = (4, 2, 1, 0.5),
         dropout: float = 0.1,
+        neck: str = "learnable",
     ) -> None:
         super().__init__()
         if head not in HEADS:
@@ -147,11 +150,11 @@ class Segmentor(nn.Module):
             raise ValueError(f"{len(self.features.layers)} feature layers need {len(self.features.layers)} neck scales, got {list(scales)}")
         check_stage_scales(self.features, scales)
         channels = self.features.channels  # one width per map (stages of a hierarchical host differ)
-        self.neck = MultiScaleNeck(channels, scales)
-        self.head = HEADS[head](channels, num_classes, head_channels, dropout)
+        self.neck = build_neck(neck, channels, scales)
+        self.head = HEADS[head](self.neck.out_channels, num_classes, head_channels, dropout)
         self.num_classes = num_classes
         self.settings = {"num_classes": num_classes, "layers": list(self.features.layers), "head": head,
-                         "head_channels": head_channels, "scales": [float(s) for s in scales], "dropout": dropout}
+                         "head_channels": head_channels, "scales": [float(s) for s in scales], "dropout": dropout, "neck": neck}
 
     @property
     def backbone(self) -> nn.Module:

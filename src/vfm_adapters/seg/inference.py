@@ -132,14 +132,22 @@ def normalize(images: Tensor, mean: Sequence[float] = IMAGENET_MEAN, std: Sequen
 @torch.no_grad()
 def predict(model: nn.Module, image: Tensor, num_classes: int, mode: str = "slide", crop: int = 512, stride: int = 341,
             resize: tuple[int, int] | None = None, mean: Sequence[float] = IMAGENET_MEAN,
-            std: Sequence[float] = IMAGENET_STD) -> Tensor:
+            std: Sequence[float] = IMAGENET_STD, scale: tuple[int, int] | None = None) -> Tensor:
     """Class map ``(H, W)`` for one uint8 image ``(3, H, W)`` at its own resolution.
 
-    ``resize`` = (width, height) runs inference at that size (logits resized back).
+    ``resize`` = (width, height) runs inference at that size; ``scale`` = (long, short)
+    at the largest keep-ratio size fitting it (mmseg's ``Resize(scale, keep_ratio=True)``,
+    e.g. (1024, 512) for half-size Mapillary). Logits are resized back either way.
     """
     device = next(model.parameters()).device
     x = normalize(image[None].to(device), mean, std)
     height, width = x.shape[-2:]
+    if resize is not None and scale is not None:
+        raise ValueError("give resize=(width, height) or scale=(long, short), not both")
+    if scale is not None:
+        from .transforms import rescale_size
+
+        x = F.interpolate(x, size=rescale_size(height, width, tuple(scale)), mode="bilinear", align_corners=False)
     if resize is not None:
         x = F.interpolate(x, size=(resize[1], resize[0]), mode="bilinear", align_corners=False)
     if mode == "slide":
@@ -157,7 +165,8 @@ def predict(model: nn.Module, image: Tensor, num_classes: int, mode: str = "slid
 def evaluate(model: nn.Module, dataset: Iterable, num_classes: int, class_names: Sequence[str] | None = None,
              mode: str = "slide", crop: int = 512, stride: int = 341, resize: tuple[int, int] | None = None,
              mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
-             ignore_index: int = IGNORE_INDEX, limit: int | None = None, progress: bool = False) -> dict:
+             ignore_index: int = IGNORE_INDEX, limit: int | None = None, progress: bool = False,
+             scale: tuple[int, int] | None = None) -> dict:
     """mIoU of ``model`` on a dataset of raw samples (uint8 image, train-id label).
 
     Returns:
@@ -194,7 +203,7 @@ def evaluate(model: nn.Module, dataset: Iterable, num_classes: int, class_names:
             if limit is not None and seen >= limit:
                 break
             check_label_range(sample["label"], num_classes, sample.get("path") or f"image {seen}", ignore_index)
-            prediction = predict(model, sample["image"], num_classes, mode, crop, stride, resize, mean, std)
+            prediction = predict(model, sample["image"], num_classes, mode, crop, stride, resize, mean, std, scale=scale)
             meter.update(prediction.cpu(), sample["label"])
             seen += 1
     finally:

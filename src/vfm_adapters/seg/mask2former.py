@@ -46,7 +46,7 @@ from transformers.models.mask2former.modeling_mask2former import (
 )
 
 from .datasets import IGNORE_INDEX
-from .features import BackboneFeatures, MultiScaleNeck, check_stage_scales
+from .features import BackboneFeatures, build_neck, check_stage_scales
 
 __all__ = [
     "Mask2FormerHead",
@@ -478,6 +478,8 @@ class Mask2FormerSegmentor(nn.Module):
         scales: Neck resampling factors (x4, x2, x1, x0.5 give strides 4/8/16/32 at patch 16).
         link_rein_queries: Use Rein's queries; ``None`` links when the backbone carries a
             Rein with ``link_queries`` (then ``num_queries`` is Rein's token count).
+        neck: ``"learnable"`` (default), ``"interpolate"`` (the paper's, parameter-free)
+            or ``"multilevel"``; see :func:`~vfm_adapters.seg.features.build_neck`.
         **head_options: Fields of :class:`Mask2FormerHeadConfig`.
 
     Example:
@@ -501,6 +503,7 @@ class Mask2FormerSegmentor(nn.Module):
         layers: Sequence[int] | None = None,
         scales: Sequence[float] = (4, 2, 1, 0.5),
         link_rein_queries: bool | None = None,
+        neck: str = "learnable",
         **head_options: Any,
     ) -> None:
         super().__init__()
@@ -510,7 +513,7 @@ class Mask2FormerSegmentor(nn.Module):
                              f"{self.features.layers} and scales {list(scales)}")
         check_stage_scales(self.features, scales)
         channels = self.features.channels  # one width per map (stages of a hierarchical host differ)
-        self.neck = MultiScaleNeck(channels, scales)
+        self.neck = build_neck(neck, channels, scales)
         rein = _linked_rein(backbone)
         if link_rein_queries is None:
             link_rein_queries = rein is not None
@@ -521,10 +524,11 @@ class Mask2FormerSegmentor(nn.Module):
             if head_options.setdefault("num_queries", tokens) != tokens:
                 raise ValueError(f"num_queries {head_options['num_queries']} differs from Rein's token_length {tokens}")
             head_options.setdefault("query_dim", rein.config.query_dim)
-        self.head = Mask2FormerHead(num_classes, channels, link_rein_queries=bool(link_rein_queries), **head_options)
+        self.head = Mask2FormerHead(num_classes, self.neck.out_channels, link_rein_queries=bool(link_rein_queries),
+                                    **head_options)
         self.num_classes = num_classes
         self.settings = {"num_classes": num_classes, "layers": list(self.features.layers), "head": "mask2former",
-                         "scales": [float(s) for s in scales], "link_rein_queries": bool(link_rein_queries),
+                         "scales": [float(s) for s in scales], "link_rein_queries": bool(link_rein_queries), "neck": neck,
                          **{k: v for k, v in head_options.items()}}
 
     @property
@@ -614,7 +618,8 @@ def build_mask2former_segmentor(model_config: Mapping[str, Any], **head_options:
         raise ValueError(f"build_mask2former_segmentor builds head 'mask2former', the config says {config['head']!r}")
     backbone = training.build_adapted_backbone(config, MASK2FORMER_METHOD_DEFAULTS)
     segmentor = Mask2FormerSegmentor(backbone, int(config["num_classes"]), layers=config.get("layers"),
-                                     scales=config["scales"], **head_options)
+                                     scales=config["scales"], neck=config.get("neck") or "learnable",
+                                     **head_options)
     segmentor.mean, segmentor.std = tuple(config["mean"]), tuple(config["std"])
     return segmentor
 

@@ -20,12 +20,14 @@ Config reference (YAML or JSON; every key optional except the data)::
       backbone: vit_large_patch14_dinov2   # timm model name
       backbone_kwargs: {img_size: 512}     # passed to timm.create_model
       pretrained: false                    # timm pretrained weights (needs a download)
+      patch_resample: timm                 # another patch_size: timm (pseudo-inverse) | bicubic (the Rein authors')
       backbone_checkpoint: null            # a .safetensors/.pt state dict for the host
       methods: [rein]                      # registered methods; [] or [freeze] = head only
       method_options: {rein: {link_queries: false}}
       train_backbone: false                # full fine-tuning (lr x optim.backbone_lr_mult)
       layers: null                         # feature blocks (default [7, 11, 15, 23] of 24)
       scales: [4, 2, 1, 0.5]
+      neck: learnable                      # learnable | interpolate (the paper's) | multilevel (CLIP-L)
       head: fpn                            # fpn | linear
       head_channels: 256
       dropout: 0.1
@@ -36,7 +38,10 @@ Config reference (YAML or JSON; every key optional except the data)::
       train: [{type: gta5, root: data/gta5, weight: 1.0}]
       val: [{type: cityscapes, root: data/cityscapes, split: val, resize: [1024, 512]}]
       crop_size: [512, 512]
-      scale: [1280, 720]                   # keep-ratio rescale target, null = none
+      resize: ratio_range                  # ratio_range | short_side_choice (the Rein authors')
+      short_sides: null                    # short_side_choice: null = int(crop * x * 0.1), x = 5..20
+      max_long_side: null                  # short_side_choice: null = 4 x crop (2048 at 512)
+      scale: [1280, 720]                   # ratio_range: keep-ratio rescale target, null = none
       ratio_range: [0.5, 2.0]
       cat_max_ratio: 0.75
       flip: 0.5
@@ -44,18 +49,23 @@ Config reference (YAML or JSON; every key optional except the data)::
       num_workers: 2
     optim:
       lr: 1.0e-4
-      weight_decay: 0.05                   # none on tokens, scale, norms, embeddings, biases
+      weight_decay: 0.05
+      no_decay: authors                    # the Rein authors' names (norms, query/level embeddings,
+                                           # Rein tokens and scale; biases decay) | small_tensors
       betas: [0.9, 0.999]
       backbone_lr_mult: 0.1
       poly_power: 0.9
       min_lr: 0.0
       warmup_iters: 0
       warmup_ratio: 1.0e-6
+      schedule: poly                       # poly (warm-up x one poly curve) | warmup_poly_restart (the
+                                           # authors' ACDC: LinearLR, then PolyLR restarting after warm-up)
       grad_clip: null
     train:
       iterations: 40000
       batch_size: 4                        # per process
       grad_accum: 1
+      total_batch_size: null               # if set: grad_accum = total / (batch_size x processes)
       seed: 0
       mixed_precision: auto                # auto = bf16 on CUDA, else no
       log_interval: 50
@@ -103,21 +113,23 @@ from .transforms import IMAGENET_MEAN, IMAGENET_STD, train_transform
 
 DEFAULTS: dict[str, dict[str, Any]] = {
     "model": {
-        "backbone": "vit_large_patch14_dinov2", "backbone_kwargs": {}, "pretrained": False,
+        "backbone": "vit_large_patch14_dinov2", "backbone_kwargs": {}, "pretrained": False, "patch_resample": "timm",
         "backbone_checkpoint": None, "methods": ["rein"], "method_options": {}, "train_backbone": False,
-        "layers": None, "scales": [4, 2, 1, 0.5], "head": "fpn", "head_channels": 256, "dropout": 0.1,
+        "layers": None, "scales": [4, 2, 1, 0.5], "neck": "learnable", "head": "fpn", "head_channels": 256, "dropout": 0.1,
         "head_options": {}, "num_classes": 19, "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
     },
     "data": {
         "train": [], "val": [], "crop_size": [512, 512], "scale": [1280, 720], "ratio_range": [0.5, 2.0],
         "cat_max_ratio": 0.75, "flip": 0.5, "photometric": True, "num_workers": 2,
+        "resize": "ratio_range", "short_sides": None, "max_long_side": None,
     },
     "optim": {
         "lr": 1e-4, "weight_decay": 0.05, "betas": [0.9, 0.999], "backbone_lr_mult": 0.1, "poly_power": 0.9,
         "min_lr": 0.0, "warmup_iters": 0, "warmup_ratio": 1e-6, "grad_clip": None,
+        "no_decay": "authors", "schedule": "poly",
     },
     "train": {
-        "iterations": 40000, "batch_size": 4, "grad_accum": 1, "seed": 0, "mixed_precision": "auto",
+        "iterations": 40000, "batch_size": 4, "grad_accum": 1, "total_batch_size": None, "seed": 0, "mixed_precision": "auto",
         "log_interval": 50, "checkpoint_interval": 1000, "eval_interval": 0, "output_dir": "runs/segmentation",
         "log_with": None, "find_unused_parameters": False,
     },
@@ -189,8 +201,14 @@ def _validate(config: dict[str, Any]) -> None:
         config["model"]["methods"] = [m for m in config["model"]["methods"].split(",") if m]
     if isinstance(config["data"]["val"], Mapping):
         config["data"]["val"] = [dict(v, name=k) for k, v in config["data"]["val"].items()]
+    if config["train"]["mixed_precision"] is False:  # YAML reads an unquoted `no` as false
+        config["train"]["mixed_precision"] = "no"
     if config["train"]["mixed_precision"] not in ("auto", "no", "bf16", "fp16"):
         raise ConfigError("train.mixed_precision must be auto, no, bf16 or fp16")
+    if config["optim"]["schedule"] not in ("poly", "warmup_poly_restart"):
+        raise ConfigError("optim.schedule must be 'poly' or 'warmup_poly_restart' (the authors' ACDC schedule)")
+    if config["data"]["resize"] not in ("ratio_range", "short_side_choice"):
+        raise ConfigError("data.resize must be 'ratio_range' or 'short_side_choice' (the Rein authors' recipe)")
     if config["eval"]["mode"] not in ("slide", "whole"):
         raise ConfigError("eval.mode must be 'slide' or 'whole'")
     _validate_eval(config["eval"])
@@ -247,8 +265,18 @@ def build_backbone(model_config: Mapping[str, Any]) -> nn.Module:
     """Creates the timm host and loads ``backbone_checkpoint`` (safetensors or torch) if given."""
     import timm
 
-    backbone = timm.create_model(model_config["backbone"], pretrained=bool(model_config["pretrained"]),
-                                 num_classes=0, **dict(model_config.get("backbone_kwargs") or {}))
+    resample = model_config.get("patch_resample") or "timm"
+    if resample == "bicubic":  # the Rein authors' 14 -> 16 conversion (see seg/patch_resample.py)
+        from .patch_resample import create_host_bicubic
+
+        backbone = create_host_bicubic(model_config["backbone"], bool(model_config["pretrained"]),
+                                       model_config.get("backbone_kwargs") or {})
+    elif resample == "timm":
+        backbone = timm.create_model(model_config["backbone"], pretrained=bool(model_config["pretrained"]),
+                                     num_classes=0, **dict(model_config.get("backbone_kwargs") or {}))
+    else:
+        raise ConfigError(f"model.patch_resample must be 'bicubic' (the Rein authors') or 'timm' (pseudo-inverse), "
+                          f"got {resample!r}")
     checkpoint = model_config.get("backbone_checkpoint")
     if checkpoint:
         path = Path(checkpoint)
@@ -335,7 +363,8 @@ def build_segmentor(model_config: Mapping[str, Any]) -> Segmentor:
     backbone = build_adapted_backbone(model_config)
     segmentor = Segmentor(backbone, int(model_config["num_classes"]), layers=model_config.get("layers"),
                           head=model_config["head"], head_channels=int(model_config["head_channels"]),
-                          scales=model_config["scales"], dropout=float(model_config["dropout"]))
+                          scales=model_config["scales"], dropout=float(model_config["dropout"]),
+                          neck=model_config.get("neck") or "learnable")
     segmentor.mean, segmentor.std = tuple(model_config["mean"]), tuple(model_config["std"])
     return segmentor
 
@@ -365,8 +394,20 @@ def no_weight_decay(name: str, param: nn.Parameter) -> bool:
                or part in ("embeddings_position", "register_tokens") for part in parts)
 
 
-def parameter_groups(model: Segmentor, lr: float, weight_decay: float, backbone_lr_mult: float = 0.1) -> list[dict]:
-    """AdamW groups: decay / no decay, and the host's own weights at ``lr * backbone_lr_mult``."""
+def parameter_groups(model: Segmentor, lr: float, weight_decay: float, backbone_lr_mult: float = 0.1,
+                     no_decay: str = "authors") -> list[dict]:
+    """AdamW groups: decay / no decay, and the host's own weights at ``lr * backbone_lr_mult``.
+
+    ``no_decay="authors"`` (default, ``optim.no_decay``) exempts exactly what the Rein
+    authors' configs exempt (:func:`vfm_adapters.optim.no_decay_names`: norms, query
+    and level embeddings, Rein's tokens and scale; biases decay); ``"small_tensors"``
+    is the earlier rule of :func:`no_weight_decay` (also biases, positions, prompts).
+    """
+    from ..optim import no_decay_names
+
+    if no_decay not in ("authors", "small_tensors"):
+        raise ConfigError(f"optim.no_decay must be 'authors' or 'small_tensors', got {no_decay!r}")
+    exempt = no_decay_names(model) if no_decay == "authors" else None
     adapter_ids = {id(p) for p in adapter_parameters(model.backbone)}
     host_ids = {id(p) for p in model.backbone.parameters()} - adapter_ids
     groups: dict[tuple[bool, bool], dict] = {}
@@ -374,7 +415,7 @@ def parameter_groups(model: Segmentor, lr: float, weight_decay: float, backbone_
         if not param.requires_grad:
             continue
         host = id(param) in host_ids
-        decay = not no_weight_decay(name, param)
+        decay = not (exempt[name] if exempt is not None else no_weight_decay(name, param))
         group = groups.setdefault((host, decay), {
             "params": [], "names": [], "lr": lr * (backbone_lr_mult if host else 1.0),
             "weight_decay": weight_decay if decay else 0.0})
@@ -602,7 +643,8 @@ def load_segmentor(directory: str | os.PathLike, map_location: str | torch.devic
         model = Mask2FormerSegmentor.from_settings(backbone, settings)
     else:
         model = Segmentor(backbone, settings["num_classes"], layers=settings["layers"], head=settings["head"],
-                          head_channels=settings["head_channels"], scales=settings["scales"], dropout=settings["dropout"])
+                          head_channels=settings["head_channels"], scales=settings["scales"], dropout=settings["dropout"],
+                          neck=settings.get("neck", "learnable"))
     model.decode_modules().load_state_dict(load_file(str(directory / "head.safetensors")))
     model.mean, model.std = tuple(model_config["mean"]), tuple(model_config["std"])
     return model.to(map_location).eval(), info
@@ -658,6 +700,8 @@ def build_val_sets(config: Mapping[str, Any]) -> dict[str, tuple[Any, dict]]:
     for i, spec in enumerate(config["data"]["val"]):
         name = spec.get("name") or f"{spec.get('type')}{'' if i == 0 else i}"
         options = {"resize": tuple(spec["resize"])} if spec.get("resize") else {}
+        if spec.get("scale"):  # keep-ratio into (long, short), e.g. half-size Mapillary into (1024, 512)
+            options["scale"] = tuple(spec["scale"])
         sets[name] = (build_dataset(spec), options)
         check_dataset_labels(sets[name][0], int(config["model"]["num_classes"]), f"validation set {name}")
     return sets
@@ -709,13 +753,19 @@ def train(config: str | os.PathLike | Mapping[str, Any], resume: bool = False, s
     np.random.seed(seed)
     torch.manual_seed(seed)
     model = build_segmentor(mc)
-    groups = parameter_groups(model, oc["lr"], oc["weight_decay"], oc["backbone_lr_mult"])
+    groups = parameter_groups(model, oc["lr"], oc["weight_decay"], oc["backbone_lr_mult"], oc["no_decay"])
     optimizer = torch.optim.AdamW([{k: v for k, v in g.items() if k != "names"} for g in groups],
                                   lr=oc["lr"], betas=tuple(oc["betas"]))
     total = int(tc["iterations"])
     min_ratio = oc["min_lr"] / oc["lr"] if oc["lr"] > 0 else 0.0
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: poly_factor(
-        step, total, oc["poly_power"], oc["warmup_iters"], oc["warmup_ratio"], min_ratio))
+    if oc["schedule"] == "warmup_poly_restart":
+        from ..optim import warmup_poly_restart_factor
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup_poly_restart_factor(
+            step, total, int(oc["warmup_iters"]), oc["warmup_ratio"], oc["poly_power"], min_ratio))
+    else:
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: poly_factor(
+            step, total, oc["poly_power"], oc["warmup_iters"], oc["warmup_ratio"], min_ratio))
 
     start, elapsed = 0, 0.0
     checkpoint_path = output_dir / CHECKPOINT_NAME
@@ -742,9 +792,18 @@ def train(config: str | os.PathLike | Mapping[str, Any], resume: bool = False, s
     weights = [float(spec.get("weight", 1.0)) for spec in dc["train"]]
     transform = train_transform(tuple(dc["crop_size"]), tuple(dc["scale"]) if dc["scale"] else None,
                                 tuple(dc["ratio_range"]), dc["cat_max_ratio"], dc["flip"], dc["photometric"],
-                                mc["mean"], mc["std"])
+                                mc["mean"], mc["std"], resize=dc["resize"], short_sides=dc["short_sides"],
+                                max_long_side=dc["max_long_side"])
     batch, accum, world = int(tc["batch_size"]), int(tc["grad_accum"]), accelerator.num_processes
+    if tc.get("total_batch_size") is not None:
+        from ..optim import resolve_grad_accum
+
+        try:
+            accum = resolve_grad_accum(batch, accum, tc["total_batch_size"], world)
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
     per_step = batch * accum * world
+    say(f"effective batch {per_step} = {batch} per process x {accum} accumulation step(s) x {world} process(es)")
     end = total if stop_after is None else min(total, start + int(stop_after))
     sampler = StreamSampler([len(s) for s in sources], weights, seed=seed, start=start * per_step,
                             length=(end - start) * per_step, rank=accelerator.process_index, world_size=world)

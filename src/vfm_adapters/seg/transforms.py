@@ -7,10 +7,16 @@ augmentation is reproducible from its seed (the training stream seeds each sampl
 its position, which makes resumed runs exact). Without ``rng`` a fresh unseeded
 generator is used.
 
-The pipeline of Rein's mmseg recipe is::
+The pipeline of the Rein authors' released configs (``train_transform(resize="short_side_choice")``)::
 
-    Compose([RandomRescale((1280, 720), (0.5, 2.0)), RandomCrop((512, 512), cat_max_ratio=0.75),
-             RandomFlip(0.5), PhotoMetricDistortion(), Normalize()])
+    Compose([RandomChoiceResize(paper_short_sides(512), max_long_side=2048),
+             RandomCrop((512, 512), cat_max_ratio=0.75, pad=False), RandomFlip(0.5),
+             PhotoMetricDistortion(), Normalize(), Pad((512, 512))])
+
+i.e. mmseg's ``RandomChoiceResize(resize_type="ResizeShortestEdge")``, a crop that is
+padded only after normalisation (image 0, label 255, as mmseg's data preprocessor
+does). The older keep-ratio rescale around 1280x720 by 0.5-2.0 (:class:`RandomRescale`,
+``resize="ratio_range"``) stays available for other recipes.
 """
 
 from __future__ import annotations
@@ -132,6 +138,59 @@ class RandomRescale:
         return f"RandomRescale(scale={self.scale}, ratio_range={self.ratio_range})"
 
 
+def paper_short_sides(crop: int = 512) -> tuple[int, ...]:
+    """The authors' 16 short sides ``int(crop * x * 0.1)`` for x = 5..20 (0.5 to 2.0 times the crop).
+
+    Example:
+        >>> sides = paper_short_sides(512)
+        >>> len(sides), sides[:3], sides[-1], sum(sides) / len(sides)
+        (16, (256, 307, 358), 1024, 639.625)
+    """
+    return tuple(int(crop * x * 0.1) for x in range(5, 21))
+
+
+def shortest_edge_size(height: int, width: int, short_side: int, max_long_side: int | None = None) -> tuple[int, int]:
+    """mmseg's ``ResizeShortestEdge``: short side to ``short_side``, long side capped at ``max_long_side``.
+
+    Returns ``(height, width)``, rounded to the nearest integer as mmseg does.
+
+    Example:
+        >>> shortest_edge_size(1052, 1914, 1024, 2048), shortest_edge_size(1052, 1914, 256, 2048)  # GTA5
+        ((1024, 1863), (256, 466))
+        >>> shortest_edge_size(1000, 3000, 1024, 2048)   # capped by the long side
+        (683, 2048)
+    """
+    factor = short_side / min(height, width)
+    new_h, new_w = height * factor, width * factor
+    if max_long_side is not None and max(new_h, new_w) > max_long_side:
+        cap = max_long_side / max(new_h, new_w)
+        new_h, new_w = new_h * cap, new_w * cap
+    return int(new_h + 0.5), int(new_w + 0.5)
+
+
+class RandomChoiceResize:
+    """Short side drawn uniformly from ``short_sides``, long side at most ``max_long_side``.
+
+    mmseg's ``RandomChoiceResize(scales, resize_type="ResizeShortestEdge", max_size)``,
+    which the Rein authors train with (``paper_short_sides(512)``, cap 2048).
+    """
+
+    def __init__(self, short_sides: Sequence[int], max_long_side: int | None = 2048, image_mode: str = "bilinear") -> None:
+        self.short_sides = tuple(int(s) for s in short_sides)
+        if not self.short_sides or min(self.short_sides) < 1:
+            raise ValueError(f"short_sides must be positive integers, got {list(short_sides)}")
+        self.max_long_side, self.image_mode = max_long_side, image_mode
+
+    def __call__(self, sample: Sample, rng: np.random.Generator | None = None) -> Sample:
+        short = self.short_sides[int(_rng(rng).integers(len(self.short_sides)))]
+        height, width = sample["image"].shape[-2:]
+        return resize_sample(sample, *shortest_edge_size(height, width, short, self.max_long_side),
+                             image_mode=self.image_mode)
+
+    def __repr__(self) -> str:
+        return f"RandomChoiceResize(short_sides={self.short_sides}, max_long_side={self.max_long_side})"
+
+
 def pad_sample(sample: Sample, height: int, width: int, image_value: float = 0, label_value: int = IGNORE_INDEX) -> Sample:
     """Pads bottom/right up to ``height`` x ``width`` (label padded with ignore)."""
     h, w = sample["image"].shape[-2:]
@@ -153,8 +212,10 @@ class RandomCrop:
     Rein's recipe), so crops of nearly only road or sky are avoided.
     """
 
-    def __init__(self, size: tuple[int, int], cat_max_ratio: float = 1.0, ignore_index: int = IGNORE_INDEX) -> None:
+    def __init__(self, size: tuple[int, int], cat_max_ratio: float = 1.0, ignore_index: int = IGNORE_INDEX,
+                 pad: bool = True) -> None:
         self.size, self.cat_max_ratio, self.ignore_index = tuple(size), float(cat_max_ratio), ignore_index
+        self.pad = bool(pad)  # False: a smaller image gives a smaller crop (pad later, e.g. with Pad)
 
     def _offsets(self, height: int, width: int, rng: np.random.Generator) -> tuple[int, int]:
         return int(rng.integers(0, max(height - self.size[0], 0) + 1)), int(rng.integers(0, max(width - self.size[1], 0) + 1))
@@ -175,10 +236,32 @@ class RandomCrop:
         out["image"] = sample["image"][..., top : top + self.size[0], left : left + self.size[1]]
         if "label" in sample:
             out["label"] = sample["label"][top : top + self.size[0], left : left + self.size[1]]
-        return pad_sample(out, *self.size, label_value=self.ignore_index)
+        return pad_sample(out, *self.size, label_value=self.ignore_index) if self.pad else out
 
     def __repr__(self) -> str:
         return f"RandomCrop(size={self.size}, cat_max_ratio={self.cat_max_ratio})"
+
+
+class Pad:
+    """Pads bottom/right to ``size``: image with ``image_value``, label with ``label_value``.
+
+    Placed after :class:`Normalize` it is mmseg's data preprocessor (image 0 after
+    normalisation, i.e. the mean colour; label 255).
+
+    Example:
+        >>> out = Pad((4, 4))({"image": torch.ones(3, 2, 3), "label": torch.zeros(2, 3, dtype=torch.long)})
+        >>> out["image"][0, 3].tolist(), out["label"][:, 3].tolist()
+        ([0.0, 0.0, 0.0, 0.0], [255, 255, 255, 255])
+    """
+
+    def __init__(self, size: tuple[int, int], image_value: float = 0.0, label_value: int = IGNORE_INDEX) -> None:
+        self.size, self.image_value, self.label_value = tuple(size), image_value, label_value
+
+    def __call__(self, sample: Sample, rng: np.random.Generator | None = None) -> Sample:
+        return pad_sample(sample, *self.size, image_value=self.image_value, label_value=self.label_value)
+
+    def __repr__(self) -> str:
+        return f"Pad(size={self.size}, image_value={self.image_value}, label_value={self.label_value})"
 
 
 class RandomFlip:
@@ -231,30 +314,38 @@ class PhotoMetricDistortion:
     """mmseg's photometric distortion: brightness, contrast, saturation, hue (each p = 0.5).
 
     Brightness adds a delta in ±32 (0..255 scale), contrast and saturation scale by
-    0.5-1.5, hue shifts by ±18 degrees; contrast comes before or after the HSV steps
-    at random. The label is untouched. Output is ``float32`` on the 0..255 scale.
+    0.5-1.5; contrast comes before or after the HSV steps at random. The hue shift is
+    an integer drawn from ``[-hue_delta, hue_delta)`` on a hue circle of
+    ``hue_scale`` units: mmseg works on OpenCV's uint8 HSV, whose hue runs 0..180, so
+    its ``hue_delta=18`` is ±36 degrees (the default here). The label is untouched.
+    Output is ``float32`` on the 0..255 scale, clipped after every step.
     """
 
     def __init__(self, brightness_delta: float = 32, contrast_range: tuple[float, float] = (0.5, 1.5),
-                 saturation_range: tuple[float, float] = (0.5, 1.5), hue_delta: float = 18) -> None:
+                 saturation_range: tuple[float, float] = (0.5, 1.5), hue_delta: int = 18,
+                 hue_scale: float = 180.0) -> None:
         self.brightness_delta, self.contrast_range = brightness_delta, contrast_range
-        self.saturation_range, self.hue_delta = saturation_range, hue_delta
+        self.saturation_range, self.hue_delta, self.hue_scale = saturation_range, int(hue_delta), float(hue_scale)
+
+    def hue_shift_degrees(self, rng: np.random.Generator) -> float:
+        """One hue shift in degrees, as mmseg draws it (``randint(-delta, delta)`` on the hue scale)."""
+        return float(rng.integers(-self.hue_delta, self.hue_delta)) * 360.0 / self.hue_scale if self.hue_delta else 0.0
 
     def __call__(self, sample: Sample, rng: np.random.Generator | None = None) -> Sample:
         rng = _rng(rng)
         image = sample["image"].float()
         if rng.integers(2):
-            image = image + float(rng.uniform(-self.brightness_delta, self.brightness_delta))
+            image = (image + float(rng.uniform(-self.brightness_delta, self.brightness_delta))).clamp(0, 255)
         contrast_first = bool(rng.integers(2))
 
         def contrast(x: torch.Tensor) -> torch.Tensor:
-            return x * float(rng.uniform(*self.contrast_range)) if rng.integers(2) else x
+            return (x * float(rng.uniform(*self.contrast_range))).clamp(0, 255) if rng.integers(2) else x
 
         if contrast_first:
             image = contrast(image)
         do_saturation, do_hue = bool(rng.integers(2)), bool(rng.integers(2))
         saturation = float(rng.uniform(*self.saturation_range))
-        hue = float(rng.uniform(-self.hue_delta, self.hue_delta))
+        hue = self.hue_shift_degrees(rng)
         if do_saturation or do_hue:
             hsv = rgb_to_hsv(image.clamp(0, 255) / 255.0)
             if do_saturation:
@@ -269,7 +360,7 @@ class PhotoMetricDistortion:
         return out
 
     def __repr__(self) -> str:
-        return "PhotoMetricDistortion()"
+        return f"PhotoMetricDistortion(hue_delta={self.hue_delta}, hue_scale={self.hue_scale})"
 
 
 class Normalize:
@@ -297,8 +388,18 @@ def train_transform(
     photometric: bool = True,
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
+    resize: str = "ratio_range",
+    short_sides: Sequence[int] | None = None,
+    max_long_side: int | None = None,
 ) -> Compose:
-    """Rein's training pipeline (defaults: GTA5 recipe, REFERENCE.md section 1).
+    """The training pipeline: resize, crop, flip, photometric distortion, normalise, pad.
+
+    Args:
+        resize: ``"short_side_choice"`` (the Rein authors' configs: short side drawn from
+            ``short_sides``, default :func:`paper_short_sides` of the crop height, long side
+            at most ``max_long_side``, default 4 x the crop height, i.e. 2048 at 512) or
+            ``"ratio_range"`` (keep-ratio rescale into ``scale`` x U(``ratio_range``)).
+        The crop is padded after normalisation (image 0, label 255), as mmseg does.
 
     Example:
         >>> import torch
@@ -309,14 +410,21 @@ def train_transform(
         (torch.Size([3, 32, 32]), torch.Size([32, 32]))
     """
     steps: list[Callable] = []
-    if scale is not None:
-        steps.append(RandomRescale(tuple(scale), tuple(ratio_range)))
-    steps.append(RandomCrop(tuple(crop_size), cat_max_ratio=cat_max_ratio))
+    if resize == "short_side_choice":
+        sides = tuple(short_sides) if short_sides else paper_short_sides(int(crop_size[0]))
+        steps.append(RandomChoiceResize(sides, int(max_long_side) if max_long_side else 4 * int(crop_size[0])))
+    elif resize == "ratio_range":
+        if scale is not None:
+            steps.append(RandomRescale(tuple(scale), tuple(ratio_range)))
+    else:
+        raise ValueError(f"unknown train resize {resize!r}; use 'short_side_choice' (the Rein authors') or 'ratio_range'")
+    steps.append(RandomCrop(tuple(crop_size), cat_max_ratio=cat_max_ratio, pad=False))
     if flip > 0:
         steps.append(RandomFlip(flip))
     if photometric:
         steps.append(PhotoMetricDistortion())
     steps.append(Normalize(mean, std))
+    steps.append(Pad(tuple(crop_size)))
     return Compose(steps)
 
 
