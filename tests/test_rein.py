@@ -1,4 +1,4 @@
-"""Rein against a direct re-statement of REFERENCE.md section 1: maths, init, counts, options."""
+"""Rein against a direct re-statement of the Rein paper's equations: maths, init, counts, options."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ def paper_formula(layers: int, width: int, tokens: int = 100, rank: int = 16, qu
 
 
 def restated_update(f, A, B, Wt, bt, Wf, bf, s):
-    """REFERENCE.md section 1, written with explicit einsums, independent of the library."""
+    """The Rein paper's equations, written with explicit einsums, independent of the library."""
     T = torch.einsum("mr,rc->mc", A, B)
     c = f.shape[-1]
     S = torch.softmax(torch.einsum("bnc,mc->bnm", f, T) / math.sqrt(c), dim=-1)

@@ -6,12 +6,12 @@ logits ``(B, K, H, W)`` (or ``(B, K, h, w)``, upsampled bilinearly to the label 
 anything else.
 
 One step (:func:`dacs_step`, :class:`DACSTrainer`), for a source batch ``(x_s, y_s)``
-and a target batch ``x_t`` (REFERENCE.md section 3):
+and a target batch ``x_t`` (DACS, Tranheden et al., WACV 2021; DAFormer, Hoyer et al., CVPR 2022):
 
 1. Source loss ``L_s = CE(f(x_s), y_s)`` (255 ignored).
 2. The mean teacher ``g`` labels the target: ``p = softmax(g(x_t))``,
    ``y_t = argmax_c p``; the confidence weight is the share of pixels whose
-   ``max_c p >= 0.968`` -- one scalar for the whole batch (as REFERENCE.md and the DACS
+   ``max_c p >= 0.968`` -- one scalar for the whole batch (as in the DACS
    and DAFormer code; ``weight_mode="image"`` gives one scalar per image).
 3. ClassMix: for each pair ``i``, half of the candidate classes (the batch's unique
    source label values, see :func:`class_mix_masks`; DACS's rounding: ``n`` candidates

@@ -1,4 +1,4 @@
-"""Pseudo-label refinement with the Segment Anything Model (CLOUDS, REFERENCE.md section 4).
+"""Pseudo-label refinement with the Segment Anything Model (CLOUDS: "Collaborating Foundation Models for Domain Generalized Semantic Segmentation").
 
 Given an image and a teacher's pseudo label, :class:`SamRefiner` returns a refined label:
 

@@ -1,6 +1,6 @@
 """Self-training on unlabelled (e.g. generated) images with an EMA decode-head teacher (CLOUDS).
 
-CLOUDS (REFERENCE.md section 4) trains in two stages: a segmentor on the labelled source
+CLOUDS ("Collaborating Foundation Models for Domain Generalized Semantic Segmentation") trains in two stages: a segmentor on the labelled source
 alone, then the same model on source + unlabelled images (about 5k Stable-Diffusion
 street scenes, see :mod:`vfm_adapters.adaptation.generate`). In stage 2, per step:
 

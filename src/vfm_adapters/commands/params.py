@@ -3,7 +3,7 @@
 Every number is computed: each backbone is built once on the meta device (no memory, no
 weights), each method is injected with its defaults, counted, and removed again. "Full"
 is every backbone parameter (all trainable), "Freeze" the backbone with nothing
-trainable. The paper's values are the Rein paper's (Tables 2 and 5; REFERENCE.md).
+trainable. The paper's values are the Rein paper's ("Stronger, Fewer, & Superior", Tables 2 and 5).
 """
 
 from __future__ import annotations

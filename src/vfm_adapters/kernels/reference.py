@@ -1,7 +1,7 @@
 """The PyTorch reference of Rein's layer update: the specification every kernel is held to.
 
 With ``f`` the patch tokens (..., n, c), tokens ``T`` (m, c) and the shared layers
-``W_t, b_t`` (token to feature) and ``W_f, b_f`` (delta f), REFERENCE.md section 1::
+``W_t, b_t`` (token to feature) and ``W_f, b_f`` (delta f), as in the Rein paper ("Stronger, Fewer, & Superior")::
 
     S  = softmax(f T^T / sqrt(c))           over all m tokens
     V  = T[1:] W_t^T + b_t                  token 0 is a sink: its column of S is dropped

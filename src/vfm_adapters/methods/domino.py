@@ -1,6 +1,6 @@
 """Domino: domain-adaptive normalisation driven by a CLIP domain embedding.
 
-From "Domain-Aware Fine-Tuning of Foundation Models" (REFERENCE.md section 2). A Domino
+From "Domain-Aware Fine-Tuning of Foundation Models" (Kaplan et al.). A Domino
 layer replaces a normalisation layer of a decode head. Like SPADE, it normalises the
 features with their own statistics and modulates them with parameters predicted from
 the domain embedding ``W`` (:mod:`vfm_adapters.domain`) by small MLPs::

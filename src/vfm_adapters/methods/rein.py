@@ -96,7 +96,7 @@ class ReinConfig(MethodConfig):
 
 
 def rein_init_bound(patch_size: int, embed_dim: int, rank: int | None) -> float:
-    """The uniform init bound of Rein's tokens (REFERENCE.md section 1).
+    """The uniform init bound of Rein's tokens (the Rein authors' released code).
 
     Example:
         >>> round(rein_init_bound(16, 1024, 16), 4)

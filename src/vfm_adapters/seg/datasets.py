@@ -6,7 +6,7 @@ Every reader returns, for ``dataset[i]`` (no transform, the file's own resolutio
 
 with labels already converted to the 19 Cityscapes train ids (0..18) and 255 for
 everything that is not evaluated, so that any source can be trained on and any target
-evaluated with the same head. Mappings follow REFERENCE.md section 5.
+evaluated with the same head. Mappings follow the datasets' own definitions and, for Mapillary, the Rein authors' released code.
 
 A reader checks its layout when it is built: a missing root, a missing folder or an
 image without its label raises :class:`DatasetLayoutError` naming the layout expected,

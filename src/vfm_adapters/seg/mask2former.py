@@ -1,6 +1,6 @@
 """A Mask2Former decode head made of transformers' Mask2Former parts, with Rein's query link.
 
-The head is the one behind every number of the Rein paper (REFERENCE.md section 1):
+The head is the one behind every number of the Rein paper ("Stronger, Fewer, & Superior", CVPR 2024):
 a deformable multi-scale pixel decoder (6 layers) over the neck's 4 maps (strides
 4/8/16/32), a masked-attention transformer decoder (9 layers, 8 heads, FFN 2048, 256
 channels, 100 queries), class and mask predictions after every decoder layer (deep
