@@ -459,3 +459,18 @@ def test_prompts_and_generation_with_a_stub_pipeline(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "diffusers", None)
     with pytest.raises(ImportError, match="pip install diffusers"):
         generate_images(tmp_path / "new", 1, model="any")
+
+
+def test_dacs_step_keeps_a_frozen_batch_norm_in_eval_mode():
+    """A frozen CNN host's batch norms keep their running statistics during adaptation."""
+    frozen = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)).requires_grad_(False)
+    student = nn.Sequential(frozen, nn.Conv2d(4, 3, 1))
+    teacher = make_teacher(student)
+    before = frozen[1].running_mean.clone()
+    opt = torch.optim.SGD([p for p in student.parameters() if p.requires_grad], lr=0.1)
+    src, tgt = torch.randn(2, 3, 8, 8) * 5 + 3, torch.randn(2, 3, 8, 8)
+    lbl = torch.randint(0, 3, (2, 8, 8))
+    dacs_step(student, teacher, opt, src, lbl, tgt, step=1, config=DACSConfig(seed=0),
+              generator=torch.Generator().manual_seed(0))
+    assert not frozen[1].training and student[1].training
+    assert torch.equal(frozen[1].running_mean, before)

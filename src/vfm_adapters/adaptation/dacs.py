@@ -52,6 +52,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset, Sampler
 
 from ..seg.datasets import IGNORE_INDEX
+from ..seg.training import train_mode
 from ..seg.transforms import IMAGENET_MEAN, IMAGENET_STD
 from .augment import color_jitter, denormalize, gaussian_blur, normalize
 from .ema import ema_alpha, ema_update, make_teacher
@@ -679,7 +680,7 @@ def dacs_step(
         if update_teacher:
             ema_update(teacher, student, alpha)
 
-    student.train()
+    train_mode(student)  # frozen batch norms (a frozen CNN host) keep their statistics
     captured: list[Any] = []
     hook = None
     if config.fdist_lambda > 0:

@@ -37,6 +37,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from ..seg.datasets import IGNORE_INDEX, IMAGE_SUFFIXES, read_image
+from ..seg.training import train_mode
 from ..seg.transforms import IMAGENET_MEAN, IMAGENET_STD, PhotoMetricDistortion
 from .augment import denormalize, normalize
 from .dacs import strong_augment
@@ -385,7 +386,7 @@ def self_training_step(
     with torch.no_grad():
         augmented = augment_student_copy(unlabelled_images, config, step, generator)
 
-    model.train()
+    train_mode(model)  # frozen batch norms (a frozen CNN host) keep their statistics
     loss_unlabelled = model.decoder.loss(model.decoder(model.encode(augmented)), pseudo)
     loss = config.unlabelled_weight * loss_unlabelled
     loss_source = torch.zeros(())
@@ -488,7 +489,7 @@ def self_training_mixed_step(
             student_images[generated] = augment_student_copy(clean, config, step, generator)
         targets[generated] = pseudo.to(targets.device)
 
-    model.train()
+    train_mode(model)  # frozen batch norms (a frozen CNN host) keep their statistics
     loss = model.decoder.loss(model.decoder(model.encode(student_images)), targets)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
@@ -638,7 +639,7 @@ class SourceTrainer:
 
     def step(self, images: Tensor, labels: Tensor) -> dict[str, Any]:
         """One supervised step on a labelled batch; returns ``{"loss"}``."""
-        self.model.train()
+        train_mode(self.model)
         loss = self.model.decoder.loss(self.model.decoder(self.model.encode(images)), labels)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
