@@ -160,3 +160,20 @@ def test_a_tracker_that_cannot_start_is_a_config_error(tmp_path: Path, monkeypat
                         lambda log_with, logging_dir=None: [], raising=False)
     with pytest.raises(ConfigError, match="train.log_with"):
         make_accelerator({"mixed_precision": "no", "output_dir": str(tmp_path), "log_with": "tensorboard"})
+
+
+def test_a_full_disk_or_a_diverged_run_is_a_one_line_error(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    from vfm_adapters._io import DiskWriteError
+    from vfm_adapters.commands import configs
+    from vfm_adapters.seg.training import TrainingDivergedError
+
+    for error in (DiskWriteError(28, "No space left on device writing run/checkpoint.pt; the previous checkpoint is intact",
+                                 "run/checkpoint.pt"),
+                  TrainingDivergedError("the loss is nan at step 3; the last good checkpoint is kept")):
+        def broken(args, error=error):
+            raise error
+
+        monkeypatch.setattr(configs, "run", broken)
+        assert cli.main(["configs"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and type(error).__name__ in err, err

@@ -42,19 +42,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    """Exceptions that describe a user's mistake and are printed as one line.
+#: Library errors that are not ``ValueError``/``FileNotFoundError`` subclasses, by module.
+#: Looked up in ``sys.modules`` so that building the error list imports nothing.
+_LIBRARY_ERRORS = {
+    "vfm_adapters.hosts.base": ("UnsupportedModelError",),
+    "vfm_adapters._io": ("DiskWriteError",),
+    "vfm_adapters.seg._png": ("ImageReadError",),
+    "vfm_adapters.seg.training": ("TrainingDivergedError",),
+}
 
-    Library-defined errors subclass ``ValueError``, ``TypeError`` or ``FileNotFoundError``
-    (``ConfigError``, ``AdapterError``, ``DatasetLayoutError``, ``UnsupportedModelError``);
-    ``UnsupportedModelError`` is the only ``TypeError`` caught, so a ``TypeError`` from a
-    bug still shows its traceback.
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions that describe a user's mistake (or the machine's state) and print as one line.
+
+    Most library errors subclass ``ValueError`` or ``FileNotFoundError`` (``ConfigError``,
+    ``AdapterError``, ``DatasetLayoutError``, ``LabelRangeError``, ``RunManifestError``);
+    the others are listed in ``_LIBRARY_ERRORS``. A ``TypeError``, ``KeyError`` or any
+    other exception from a bug still shows its traceback.
     """
-    errors: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError,
-                                               PermissionError)
-    if "vfm_adapters.hosts.base" in sys.modules:  # the command got far enough to import it
-        errors += (sys.modules["vfm_adapters.hosts.base"].UnsupportedModelError,)
-    return errors
+    errors: list[type[BaseException]] = [ValueError, FileNotFoundError, FileExistsError, NotADirectoryError,
+                                         IsADirectoryError, PermissionError]
+    for module_name, names in _LIBRARY_ERRORS.items():
+        module = sys.modules.get(module_name)  # imported only if the command got that far
+        errors.extend(getattr(module, name) for name in names if module is not None)
+    return tuple(errors)
 
 
 def main(argv: list[str] | None = None) -> int:
