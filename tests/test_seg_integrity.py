@@ -345,7 +345,9 @@ def test_one_guard_for_train_demo_and_adapt(tmp_path, one_thread):
     (demo / "rein" / "head.safetensors").write_bytes(b"trained")
     (demo / "results.json").write_text("{}")
     with pytest.raises(RunDirectoryError, match=r"already holds a run \(results.json, rein\)"):
-        main(["demo", "--tiny", "--output", str(demo), "--no-progress", "--threads", "1", "--methods", "rein"])
+        main(["--traceback", "demo", "--tiny", "--output", str(demo), "--no-progress", "--threads", "1", "--methods", "rein"])
+    # without --traceback the CLI says the same in one line and exits 2
+    assert main(["demo", "--tiny", "--output", str(demo), "--no-progress", "--threads", "1", "--methods", "rein"]) == 2
     assert (demo / "rein" / "head.safetensors").read_bytes() == b"trained"
     # train sees every run file, not only three names
     for name in ("segmentor.json", "manifest.json", "log.jsonl", "results.json"):

@@ -353,26 +353,6 @@ def _trainer_modules(trainer: Any) -> dict[str, nn.Module]:
     return modules
 
 
-def _rng_state() -> dict[str, Any]:
-    numpy_state = np.random.get_state()
-    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
-             "numpy": [numpy_state[0], numpy_state[1].tolist(), int(numpy_state[2]), int(numpy_state[3]),
-                       float(numpy_state[4])]}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: Mapping[str, Any]) -> None:
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    kind, keys, position, has_gauss, cached = state["numpy"]
-    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), position, has_gauss, cached))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 def save_adaptation_checkpoint(path: str | os.PathLike, trainer: Any, step: int, config: Mapping[str, Any]) -> None:
     """Writes everything a bit-exact resume needs, atomically.
 
@@ -401,7 +381,7 @@ def save_adaptation_checkpoint(path: str | os.PathLike, trainer: Any, step: int,
         "optimizer": trainer.optimizer.state_dict(),
         "scheduler": trainer.scheduler.state_dict() if trainer.scheduler is not None else None,
         "generator": trainer.generator.get_state() if getattr(trainer, "generator", None) is not None else None,
-        "rng": _rng_state(), "config": json.dumps(config, sort_keys=True, default=str),
+        "rng": seg_training.random_state(), "config": json.dumps(config, sort_keys=True, default=str),
     }
     write_atomically(Path(path), lambda temporary: torch.save(payload, temporary))
 
@@ -434,7 +414,7 @@ def load_adaptation_checkpoint(path: str | os.PathLike, trainer: Any, config: Ma
     if payload["generator"] is not None:
         trainer.generator.set_state(payload["generator"])
     trainer.iteration = int(payload["iteration"])
-    _set_rng_state(payload["rng"])
+    seg_training.restore_random_state(payload["rng"])
     return int(payload["step"])
 
 

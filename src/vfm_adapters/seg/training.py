@@ -441,7 +441,20 @@ def poly_factor(step: int, total: int, power: float = 0.9, warmup_iters: int = 0
 
 
 # ----------------------------------------------------------------------------- checkpoints
-def _rng_state() -> dict[str, Any]:
+def random_state() -> dict[str, Any]:
+    """Every random generator a run draws from (Python, NumPy, torch, CUDA), as plain data.
+
+    Saved in checkpoints so a resumed run continues the same random streams; see
+    :func:`restore_random_state`.
+
+    Example:
+        >>> import torch
+        >>> state = random_state()
+        >>> a = torch.rand(1)
+        >>> restore_random_state(state)
+        >>> torch.equal(torch.rand(1), a)
+        True
+    """
     numpy_state = np.random.get_state()
     state = {
         "python": random.getstate(),
@@ -453,7 +466,8 @@ def _rng_state() -> dict[str, Any]:
     return state
 
 
-def _set_rng_state(state: Mapping[str, Any]) -> None:
+def restore_random_state(state: Mapping[str, Any]) -> None:
+    """Sets every random generator to a :func:`random_state`."""
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     kind, keys, position, has_gauss, cached = state["numpy"]
@@ -476,7 +490,7 @@ def save_checkpoint(path: Path, model: Segmentor, optimizer, scheduler, step: in
     """Writes the resumable training state atomically (``seconds``: training time so far, over resumes)."""
     payload = {
         "step": step, "model": trained_state(model), "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(), "rng": _rng_state(), "config": json.dumps(config, sort_keys=True),
+        "scheduler": scheduler.state_dict(), "rng": random_state(), "config": json.dumps(config, sort_keys=True),
         "seconds": float(seconds),
     }
     write_atomically(path, lambda temporary: torch_save(payload, temporary), what="checkpoint")
@@ -499,7 +513,7 @@ def load_checkpoint(path: Path, model: Segmentor, optimizer, scheduler, payload:
             owners[name].copy_(tensor)
     optimizer.load_state_dict(payload["optimizer"])
     scheduler.load_state_dict(payload["scheduler"])
-    _set_rng_state(payload["rng"])
+    restore_random_state(payload["rng"])
     return int(payload["step"])
 
 
