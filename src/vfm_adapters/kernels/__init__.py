@@ -81,8 +81,13 @@ def rein_update(
     delta_bias: Tensor | None,
     scale: Tensor,
     kernel: str = "torch",
+    num_prefix_tokens: int = 0,
 ) -> Tensor:
     """One Rein layer update, ``f + s * df``, with the chosen implementation.
+
+    The first ``num_prefix_tokens`` rows of dim -2 (CLS, registers) pass through
+    unchanged; the Triton kernels read the patch rows in place and write the whole
+    output in one buffer (no contiguous copy of the patches, no concatenation).
 
     Example:
         >>> import torch
@@ -96,11 +101,14 @@ def rein_update(
         from .triton_rein import rein_update_triton
 
         return rein_update_triton(
-            feats, tokens, token_to_feature_weight, token_to_feature_bias, delta_weight, delta_bias, scale
+            feats, tokens, token_to_feature_weight, token_to_feature_bias, delta_weight, delta_bias, scale,
+            num_prefix_tokens=num_prefix_tokens,
         )
-    return rein_update_reference(
-        feats, tokens, token_to_feature_weight, token_to_feature_bias, delta_weight, delta_bias, scale
-    )
+    params = (tokens, token_to_feature_weight, token_to_feature_bias, delta_weight, delta_bias, scale)
+    if num_prefix_tokens == 0:
+        return rein_update_reference(feats, *params)
+    prefix, patches = feats[..., :num_prefix_tokens, :], feats[..., num_prefix_tokens:, :]
+    return torch.cat([prefix, rein_update_reference(patches, *params)], dim=-2)
 
 
 __all__ = ["KERNELS", "check_kernel", "rein_update", "rein_update_reference", "resolve_kernel", "triton_can_run", "triton_takes"]

@@ -176,8 +176,9 @@ class Rein(nn.Module):
             return self.tokens[layer]
         return self.tokens_a[layer] @ self.tokens_b[layer]
 
-    def refine(self, patches: Tensor, layer: int) -> Tensor:
-        """Applies layer ``layer``'s update to patch tokens (..., n, c) without prefix tokens."""
+    def refine(self, patches: Tensor, layer: int, num_prefix_tokens: int = 0) -> Tensor:
+        """Applies layer ``layer``'s update to tokens (..., n, c); the first
+        ``num_prefix_tokens`` of them (CLS, registers) pass through unchanged."""
         dtype = patches.dtype
         tokens = self.layer_tokens(layer)
         if self._token_shift is not None:
@@ -191,6 +192,7 @@ class Rein(nn.Module):
             self.delta_feature.bias.to(dtype),
             self.scale.to(dtype),
             kernel=self.config.kernel,
+            num_prefix_tokens=num_prefix_tokens,
         )
 
     def forward(self, hidden: Tensor, layer: int, num_prefix_tokens: int = 0) -> Tensor:
@@ -208,10 +210,9 @@ class Rein(nn.Module):
             return self.refine(hidden.reshape(batch, height * width, channels), layer).reshape(hidden.shape)
         if hidden.ndim != 3:
             raise RuntimeError(f"Rein expected (B, N, C) or (B, H, W, C) features, got shape {tuple(hidden.shape)}")
-        if num_prefix_tokens == 0:
-            return self.refine(hidden, layer)
-        prefix, patches = hidden[:, :num_prefix_tokens], hidden[:, num_prefix_tokens:]
-        return torch.cat([prefix, self.refine(patches, layer)], dim=1)
+        # The prefix goes to the op with the patches: the Triton kernels read the patch
+        # rows in place and write one output (no contiguous copy, no torch.cat).
+        return self.refine(hidden, layer, num_prefix_tokens)
 
     def queries(self) -> Tensor:
         """Object queries (m, query_dim) for a Mask2Former head, linked to the tokens.
