@@ -13,7 +13,7 @@ import os
 import torch
 from torch import Tensor
 
-from .reference import rein_update_reference
+from .reference import rein_delta_reference, rein_update_reference
 
 KERNELS = ("auto", "torch", "triton")
 
@@ -104,11 +104,47 @@ def rein_update(
             feats, tokens, token_to_feature_weight, token_to_feature_bias, delta_weight, delta_bias, scale,
             num_prefix_tokens=num_prefix_tokens,
         )
-    params = (tokens, token_to_feature_weight, token_to_feature_bias, delta_weight, delta_bias, scale)
+    params = (tokens, token_to_feature_weight, token_to_feature_bias, delta_weight, delta_bias)
     if num_prefix_tokens == 0:
-        return rein_update_reference(feats, *params)
-    prefix, patches = feats[..., :num_prefix_tokens, :], feats[..., num_prefix_tokens:, :]
-    return torch.cat([prefix, rein_update_reference(patches, *params)], dim=-2)
+        return rein_update_reference(feats, *params, scale)
+    return rein_update_with_prefix(feats, *params, scale, num_prefix_tokens)
 
 
-__all__ = ["KERNELS", "check_kernel", "rein_update", "rein_update_reference", "resolve_kernel", "triton_can_run", "triton_takes"]
+def rein_update_with_prefix(
+    hidden: Tensor,
+    tokens: Tensor,
+    token_to_feature_weight: Tensor,
+    token_to_feature_bias: Tensor | None,
+    delta_weight: Tensor,
+    delta_bias: Tensor | None,
+    scale: Tensor,
+    num_prefix_tokens: int,
+) -> Tensor:
+    """The PyTorch path with prefix tokens, without slicing: the update is computed for all
+    rows and the prefix rows get a scale of zero, ``hidden + df * (s * [row >= prefix])``.
+
+    Slicing ``hidden[:, prefix:]`` would copy the strided patches for the first matmul,
+    allocate ``s * df`` and ``f + s * df`` and then a concatenated output, and in the
+    backward pass materialise a zero-padded full-size gradient (``slice_backward``) for
+    every use of the slice; the prefix rows here cost at most prefix / N extra work.
+
+    Example:
+        >>> import torch
+        >>> h, t, w = torch.randn(2, 6, 8), torch.randn(3, 8), torch.randn(8, 8)
+        >>> out = rein_update_with_prefix(h, t, w, None, w, None, torch.tensor(0.3), 2)
+        >>> torch.equal(out[:, :2], h[:, :2])
+        True
+        >>> torch.allclose(out[:, 2:], rein_update_reference(h[:, 2:], t, w, None, w, None, torch.tensor(0.3)), atol=1e-5)
+        True
+    """
+    rows = hidden.shape[-2]
+    if not 0 <= num_prefix_tokens <= rows:
+        raise ValueError(f"num_prefix_tokens must be in [0, {rows}] for hidden of shape {tuple(hidden.shape)}, "
+                         f"got {num_prefix_tokens}")
+    delta = rein_delta_reference(hidden, tokens, token_to_feature_weight, token_to_feature_bias, delta_weight, delta_bias)
+    keep = (torch.arange(rows, device=hidden.device) >= num_prefix_tokens).to(delta.dtype).unsqueeze(-1)
+    return torch.addcmul(hidden, delta, scale * keep)
+
+
+__all__ = ["KERNELS", "check_kernel", "rein_delta_reference", "rein_update", "rein_update_reference",
+           "rein_update_with_prefix", "resolve_kernel", "triton_can_run", "triton_takes"]
