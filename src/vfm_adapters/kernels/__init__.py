@@ -1,8 +1,17 @@
 """Rein's token-feature attention: the PyTorch reference and the dispatch between kernels.
 
 ``kernel="torch"`` runs :func:`rein_update_reference`; ``"triton"`` the fused Triton
-kernels (:mod:`vfm_adapters.kernels.triton_rein`); ``"auto"`` picks Triton for CUDA
-tensors when Triton is installed, PyTorch otherwise.
+kernels (:mod:`vfm_adapters.kernels.triton_rein`); ``"auto"`` picks Triton only where a GPU
+measurement recorded here (:data:`TRITON_MEASURED_FASTER`) shows it faster than eager
+PyTorch for that GPU family, dtype, width and token count. None is recorded yet (the
+kernels have not run on a GPU), so ``"auto"`` means PyTorch and Triton is opt-in.
+
+Dtype policy: Rein keeps its parameters in fp32 (master weights) and passes them to the
+op as they are; the op casts. The PyTorch path casts them to the activations' dtype when
+they differ and autocast is off (under autocast the matmuls cast themselves); the Triton
+op reads ``W_t`` and the biases in fp32, and hands ``T``, ``U = V W_f^T`` and ``W_f`` to the
+kernels in the dtype of the dot products (the activations' dtype, or the autocast dtype
+for fp32 activations).
 """
 
 from __future__ import annotations
@@ -16,6 +25,42 @@ from torch import Tensor
 from .reference import rein_delta_reference, rein_update_reference
 
 KERNELS = ("auto", "torch", "triton")
+
+# (GPU name as torch.cuda.get_device_name reports it, dtype, width c, token count m) for
+# which benchmarks/kernel.py measured the fused layer (forward + backward) faster than
+# eager PyTorch. Empty: no GPU measurement exists yet.
+TRITON_MEASURED_FASTER: frozenset[tuple[str, torch.dtype, int, int]] = frozenset()
+
+_CHANNEL_MULTIPLE, _MAX_TOKENS = 16, 128  # the fused kernels' limits (checked by triton_rein too)
+
+
+def unsupported_reason(width: int, tokens: int) -> str | None:
+    """Why the fused kernels cannot take this width and token count, or ``None`` if they can.
+
+    Example:
+        >>> unsupported_reason(1024, 100) is None
+        True
+        >>> unsupported_reason(24, 100)
+        'the width must be a multiple of 16, got 24'
+    """
+    if width < 1 or width % _CHANNEL_MULTIPLE:
+        return f"the width must be a multiple of {_CHANNEL_MULTIPLE}, got {width}"
+    if not 1 <= tokens <= _MAX_TOKENS:
+        return f"at most {_MAX_TOKENS} tokens (and at least 1), got {tokens}"
+    return None
+
+
+def supports(width: int, tokens: int) -> bool:
+    """Whether the fused Triton kernels accept a Rein layer of this width and token count.
+
+    The public capability query (the kernels' own limits: width % 16 == 0, 1 <= m <= 128);
+    it says nothing about whether Triton can run on this machine (see :func:`triton_can_run`).
+
+    Example:
+        >>> supports(1024, 100), supports(1024, 129), supports(1000, 100)
+        (True, False, False)
+    """
+    return unsupported_reason(width, tokens) is None
 
 
 def triton_interpreter_enabled() -> bool:
@@ -53,22 +98,40 @@ def check_kernel(kernel: str) -> str:
 
 def triton_takes(feats: Tensor, tokens: Tensor) -> bool:
     """Whether the fused kernels accept these shapes and dtypes (c % 16 == 0, m <= 128, one token set)."""
-    from .triton_rein import CHANNEL_MULTIPLE, MAX_TOKENS, SUPPORTED_DTYPES
-
     return (
-        feats.shape[-1] % CHANNEL_MULTIPLE == 0
-        and feats.dtype in SUPPORTED_DTYPES
+        feats.dtype in (torch.float32, torch.float16, torch.bfloat16)
         and tokens.ndim == 2
-        and 1 <= tokens.shape[0] <= MAX_TOKENS
+        and supports(feats.shape[-1], tokens.shape[0])
     )
 
 
+def triton_measured_faster(device: torch.device, dtype: torch.dtype, width: int, tokens: int) -> bool:
+    """Whether a recorded GPU measurement (:data:`TRITON_MEASURED_FASTER`) covers this case."""
+    if device.type != "cuda" or not TRITON_MEASURED_FASTER:
+        return False
+    name = torch.cuda.get_device_name(device)
+    return (name, dtype, width, tokens) in TRITON_MEASURED_FASTER
+
+
 def resolve_kernel(kernel: str, feats: Tensor, tokens: Tensor | None = None) -> str:
-    """The implementation that runs: ``"auto"`` takes Triton only on CUDA and for shapes it accepts."""
+    """The implementation that runs for these inputs.
+
+    ``"auto"`` takes Triton only on CUDA, for shapes the kernels accept, and where a GPU
+    measurement shows it faster (none recorded yet: PyTorch). Callers that run many layers
+    resolve once per device and dtype (``Rein`` caches the answer) rather than per call.
+
+    Example:
+        >>> import torch
+        >>> resolve_kernel("auto", torch.zeros(2, 5, 32), torch.zeros(3, 32))
+        'torch'
+    """
     if kernel == "auto":
         if not (feats.is_cuda and triton_can_run()[0]):
             return "torch"
-        return "triton" if tokens is None or triton_takes(feats, tokens) else "torch"
+        if tokens is not None and not triton_takes(feats, tokens):
+            return "torch"
+        m = tokens.shape[-2] if tokens is not None else 0
+        return "triton" if triton_measured_faster(feats.device, feats.dtype, feats.shape[-1], m) else "torch"
     return kernel
 
 
@@ -105,6 +168,9 @@ def rein_update(
             num_prefix_tokens=num_prefix_tokens,
         )
     params = (tokens, token_to_feature_weight, token_to_feature_bias, delta_weight, delta_bias)
+    if not torch.is_autocast_enabled(feats.device.type):  # the op owns the casts (module docstring)
+        params = tuple(None if p is None else p.to(feats.dtype) for p in params)
+        scale = scale.to(feats.dtype)
     if num_prefix_tokens == 0:
         return rein_update_reference(feats, *params, scale)
     return rein_update_with_prefix(feats, *params, scale, num_prefix_tokens)
@@ -142,9 +208,9 @@ def rein_update_with_prefix(
         raise ValueError(f"num_prefix_tokens must be in [0, {rows}] for hidden of shape {tuple(hidden.shape)}, "
                          f"got {num_prefix_tokens}")
     delta = rein_delta_reference(hidden, tokens, token_to_feature_weight, token_to_feature_bias, delta_weight, delta_bias)
-    keep = (torch.arange(rows, device=hidden.device) >= num_prefix_tokens).to(delta.dtype).unsqueeze(-1)
-    return torch.addcmul(hidden, delta, scale * keep)
+    keep = (torch.arange(rows, device=hidden.device) >= num_prefix_tokens).to(hidden.dtype).unsqueeze(-1)
+    return torch.addcmul(hidden, delta.to(hidden.dtype), scale.to(hidden.dtype) * keep)
 
 
-__all__ = ["KERNELS", "check_kernel", "rein_delta_reference", "rein_update", "rein_update_reference",
+__all__ = ["KERNELS", "TRITON_MEASURED_FASTER", "check_kernel", "supports", "unsupported_reason", "triton_measured_faster", "rein_delta_reference", "rein_update", "rein_update_reference",
            "rein_update_with_prefix", "resolve_kernel", "triton_can_run", "triton_takes"]
