@@ -413,6 +413,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--peak-bandwidth", type=float, default=None, help="TB/s, overrides the detected GPU's")
     parser.add_argument("--peak-tflops", type=float, default=None, help="dense bf16 TFLOP/s, overrides the detected GPU's")
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--shapes", nargs="+", default=None, metavar="MODEL:IMAGE:BATCH",
+                        help="only these shapes, e.g. vit_l:512:8 sam_h:1024:1 (default: all)")
     args = parser.parse_args(argv)
 
     if args.dry_run:
@@ -427,6 +429,11 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         device = "cuda"
         shapes = [s for s in benchmark_shapes() if s.model in args.models]
+        if args.shapes:
+            wanted = set(args.shapes)
+            shapes = [s for s in shapes if f"{s.model}:{s.image}:{s.batch}" in wanted]
+            if not shapes:
+                parser.error(f"--shapes {args.shapes} matched none of the benchmark shapes")
         args.repetitions = args.repetitions or 50
         args.warmup = args.warmup if args.warmup is not None else 10
         output_dir = args.output_dir or RESULTS
