@@ -22,6 +22,19 @@ per element (2 for bf16):
   FLOPs twice the forward's (each GEMM has an input and a weight gradient).
 * forward+backward: the sum (f is read in both passes).
 
+Correctness first: at every shape the forward and every gradient of each path are checked
+against a float64 reference on the same bf16-rounded inputs, within the error bound the
+tests derive (tests/test_kernels.py: 8 u of bf16 for the roundings to bf16, plus K u of
+fp32 with K = c + m + rows for the fp32 accumulations; the scale's gradient relative to
+sum |g df|). A path outside it is reported and makes the script exit with status 1.
+
+Besides the bare op on bf16 tensors it times the call as it happens inside a model
+(``*_in_model``): an fp32 hidden state with a CLS token in front, fp32 parameters, under
+``torch.autocast(bf16)``: eager slices the patches and concatenates the CLS back, the
+Triton op takes the whole hidden state (``num_prefix_tokens=1``) and runs bf16 dots on the
+fp32 residual. On a GPU ``torch.compile(mode="max-autotune")`` of the reference is timed
+too (``compiled_max_autotune``).
+
 Usage::
 
     python benchmarks/kernel.py                  # on a CUDA GPU; writes results/kernel.{json,png}
@@ -57,7 +70,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from vfm_adapters.kernels.reference import rein_update_reference  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-PATHS = ("eager", "compiled", "triton")
+PATHS = ("eager", "compiled", "triton")  # + "compiled_max_autotune" on a GPU
+IN_MODEL_PATHS = ("eager_in_model", "triton_in_model")
+INPUT_NAMES = ("feats", "tokens", "W_t", "b_t", "W_f", "b_f", "scale")
 PASSES = ("forward", "backward", "forward+backward")
 MODELS = {"vit_l": {"channels": 1024, "patch": 14}, "sam_h": {"channels": 1280, "patch": 16}}
 
@@ -131,14 +146,80 @@ def make_inputs(shape: Shape, dtype: torch.dtype, device: str) -> tuple[list[tor
     return inputs, grad_out
 
 
-def layer_functions(compile_backend: str) -> dict[str, Callable]:
+def layer_functions(compile_backend: str, max_autotune: bool) -> dict[str, Callable]:
     from vfm_adapters.kernels.triton_rein import rein_update_triton
 
-    return {
+    functions = {
         "eager": rein_update_reference,
         "compiled": torch.compile(rein_update_reference, backend=compile_backend),
         "triton": rein_update_triton,
     }
+    if max_autotune:
+        functions["compiled_max_autotune"] = torch.compile(rein_update_reference, mode="max-autotune")
+    return functions
+
+
+def in_model_functions(device: str) -> dict[str, Callable]:
+    """The layer as Rein calls it in a model: fp32 hidden state with a CLS token, bf16 autocast."""
+    from vfm_adapters.kernels.triton_rein import rein_update_triton
+
+    def eager(hidden, *params):
+        with torch.autocast(device, dtype=torch.bfloat16):
+            return torch.cat([hidden[:, :1], rein_update_reference(hidden[:, 1:], *params)], dim=1)
+
+    def triton(hidden, *params):
+        with torch.autocast(device, dtype=torch.bfloat16):
+            return rein_update_triton(hidden, *params, num_prefix_tokens=1)
+
+    return {"eager_in_model": eager, "triton_in_model": triton}
+
+
+def in_model_inputs(shape: Shape, device: str) -> tuple[list[torch.Tensor], torch.Tensor]:
+    inputs, grad_out = make_inputs(dataclass_replace(shape, tokens_per_image=shape.tokens_per_image + 1), torch.float32, device)
+    return inputs, grad_out
+
+
+def dataclass_replace(shape: Shape, **changes) -> Shape:
+    from dataclasses import replace
+
+    return replace(shape, **changes)
+
+
+def bf16_tolerance(shape: Shape, units: int = 8) -> float:
+    """``units`` u (bf16) + K u (fp32), K = c + m + rows: the tests' derived bound (module
+    docstring). 8 u for bf16 inputs; 14 u for fp32 inputs under autocast, whose dot
+    operands f, T and W_f are rounded too (tests/test_kernels.py, AUTOCAST_TOLERANCE_UNITS)."""
+    return units * 2.0**-8 + (shape.channels + shape.n_tokens + shape.rows) * 2.0**-24
+
+
+def reference_with_cls(hidden, *params):
+    """The in-model layer in float64: the CLS row passes through."""
+    return torch.cat([hidden[:, :1], rein_update_reference(hidden[:, 1:], *params)], dim=1)
+
+
+def check_against_float64(shape: Shape, layer: Callable, inputs: list[torch.Tensor], grad_out: torch.Tensor,
+                          units: int = 8, reference: Callable = rein_update_reference) -> dict:
+    """Max error of the output and of every gradient against float64 (``reference``) on the same inputs."""
+    def output_and_grads(fn, leaves):
+        out = fn(*leaves)
+        return out, torch.autograd.grad(out, leaves, grad_out.to(out.dtype))
+
+    out, grads = output_and_grads(layer, inputs)
+    exact_leaves = [t.detach().double().requires_grad_() for t in inputs]
+    exact_out, exact_grads = output_and_grads(reference, exact_leaves)
+    errors = {"output": max_error(out, exact_out)}
+    with torch.no_grad():
+        ones = [t.detach().double() for t in inputs]
+        ones[6] = torch.ones_like(ones[6])
+        df = reference(*ones) - ones[0]
+        condition = (grad_out.double() * df).abs().sum().item()
+    for name, grad, exact in zip(INPUT_NAMES, grads, exact_grads):
+        if name == "scale":
+            errors[name] = (grad.double() - exact).abs().max().item() / max(condition, 1e-30)
+        else:
+            errors[name] = max_error(grad, exact)
+    limit = bf16_tolerance(shape, units)
+    return {"errors": errors, "tolerance": limit, "within": all(e <= limit for e in errors.values())}
 
 
 class Timer:
@@ -205,28 +286,41 @@ def gpu_peaks(args: argparse.Namespace) -> tuple[str, float | None, float | None
 
 
 def max_error(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-12)).item()
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-12)).item()
 
 
 def run(shapes: list[Shape], device: str, args: argparse.Namespace) -> dict:
     dtype = torch.bfloat16
     name, bandwidth, peak_flops = gpu_peaks(args)
-    functions = layer_functions(args.compile_backend)
+    functions = layer_functions(args.compile_backend, max_autotune=not args.dry_run)
+    in_model = in_model_functions(device)
+    paths = [*functions, *in_model]
     timer = Timer(device, args.repetitions, args.warmup)
-    rows = []
+    rows, checks = [], []
     for shape in shapes:
         inputs, grad_out = make_inputs(shape, dtype, device)
-        with torch.no_grad():
-            expected = rein_update_reference(*inputs)
-            triton_error = max_error(functions["triton"](*inputs), expected)
+        model_inputs, model_grad = in_model_inputs(shape, device)
+        for path in paths:
+            check = check_against_float64(shape, {**functions, **in_model}[path],
+                                          model_inputs if path in in_model else inputs,
+                                          model_grad if path in in_model else grad_out,
+                                          units=14 if path in in_model else 8,
+                                          reference=reference_with_cls if path in in_model else rein_update_reference)
+            checks.append({"shape": shape.label, "path": path, **check})
+            status = "ok" if check["within"] else "OUTSIDE THE BOUND"
+            worst = max(check["errors"], key=check["errors"].get)
+            print(f"{shape.label} {path}: max error {check['errors'][worst]:.2e} ({worst}) vs bound "
+                  f"{check['tolerance']:.2e}: {status}")
+        triton_error = next(c for c in checks if c["shape"] == shape.label and c["path"] == "triton")["errors"]["output"]
         model = work(shape, element_bytes=2)
-        times = {path: measure(shape, functions[path], inputs, grad_out, timer) for path in PATHS}
+        times = {path: measure(shape, functions[path], inputs, grad_out, timer) for path in functions}
+        times.update({path: measure(shape, in_model[path], model_inputs, model_grad, timer) for path in in_model})
         for pass_name in PASSES:
             bytes_moved, flops = model[pass_name]["bytes"], model[pass_name]["flops"]
             bound = None
             if bandwidth and peak_flops:
                 bound = max(bytes_moved / bandwidth, flops / peak_flops) * 1e3
-            for path in PATHS:
+            for path in paths:
                 ms = times[path][pass_name]
                 rows.append({
                     **asdict(shape),
@@ -241,12 +335,13 @@ def run(shapes: list[Shape], device: str, args: argparse.Namespace) -> dict:
                     "bandwidth_fraction": bytes_moved / ms / 1e-3 / bandwidth if bandwidth else None,
                     "flops_fraction": flops / ms / 1e-3 / peak_flops if peak_flops else None,
                     "lower_bound_ms": bound,
-                    "speedup_vs_eager": times["eager"][pass_name] / ms,
+                    "speedup_vs_eager": times["eager_in_model" if path in in_model else "eager"][pass_name] / ms,
                     "triton_forward_max_rel_error": triton_error,
                 })
         print_rows([r for r in rows if r["model"] == shape.model and r["image"] == shape.image and r["batch"] == shape.batch])
-        del inputs, grad_out
+        del inputs, grad_out, model_inputs, model_grad
     return {
+        "checks": checks,
         "device": name,
         "peak_bandwidth_Bps": bandwidth,
         "peak_flops": peak_flops,
@@ -285,12 +380,13 @@ def plot(result: dict, png_path: Path) -> None:
     rows = result["rows"]
     labels = list(dict.fromkeys(f"{r['model']} {r['image']}px b{r['batch']}" for r in rows))
     fig, axes = plt.subplots(len(PASSES), 1, figsize=(max(8, 0.9 * len(labels) + 3), 3.2 * len(PASSES)), squeeze=False)
-    width = 0.8 / len(PATHS)
+    paths = list(dict.fromkeys(r["path"] for r in rows))
+    width = 0.8 / len(paths)
     for ax, pass_name in zip(axes[:, 0], PASSES):
-        for i, layer_path in enumerate(PATHS):
+        for i, layer_path in enumerate(paths):
             ms = [next(r["ms"] for r in rows if r["pass"] == pass_name and r["path"] == layer_path
                        and f"{r['model']} {r['image']}px b{r['batch']}" == label) for label in labels]
-            ax.bar([x + (i - 1) * width for x in range(len(labels))], ms, width, label=layer_path)
+            ax.bar([x + (i - (len(paths) - 1) / 2) * width for x in range(len(labels))], ms, width, label=layer_path)
         bounds = [next(r["lower_bound_ms"] for r in rows if r["pass"] == pass_name
                        and f"{r['model']} {r['image']}px b{r['batch']}" == label) for label in labels]
         if all(b is not None for b in bounds):
@@ -317,6 +413,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--peak-bandwidth", type=float, default=None, help="TB/s, overrides the detected GPU's")
     parser.add_argument("--peak-tflops", type=float, default=None, help="dense bf16 TFLOP/s, overrides the detected GPU's")
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--shapes", nargs="+", default=None, metavar="MODEL:IMAGE:BATCH",
+                        help="only these shapes, e.g. vit_l:512:8 sam_h:1024:1 (default: all)")
     args = parser.parse_args(argv)
 
     if args.dry_run:
@@ -331,6 +429,11 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         device = "cuda"
         shapes = [s for s in benchmark_shapes() if s.model in args.models]
+        if args.shapes:
+            wanted = set(args.shapes)
+            shapes = [s for s in shapes if f"{s.model}:{s.image}:{s.batch}" in wanted]
+            if not shapes:
+                parser.error(f"--shapes {args.shapes} matched none of the benchmark shapes")
         args.repetitions = args.repetitions or 50
         args.warmup = args.warmup if args.warmup is not None else 10
         output_dir = args.output_dir or RESULTS
@@ -341,6 +444,10 @@ def main(argv: list[str] | None = None) -> int:
     json_path.write_text(json.dumps(result, indent=2) + "\n")
     plot(result, png_path)
     print(f"wrote {json_path} and {png_path}")
+    failed = [f"{c['shape']} {c['path']}" for c in result["checks"] if not c["within"]]
+    if failed:
+        print(f"correctness check failed (outside the derived bf16 bound): {', '.join(failed)}")
+        return 1
     if not args.dry_run and result["peak_bandwidth_Bps"] is None:
         print(f"note: unknown GPU {result['device']!r}: pass --peak-bandwidth/--peak-tflops for the fractions of peak")
     return 0

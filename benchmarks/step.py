@@ -12,9 +12,13 @@ random labels, backward, and an AdamW step over the trainable parameters. Config
 * ``rein_torch`` / ``rein_triton``: ``va.inject_rein(model, kernel=...)`` (freezes the host,
   adds Rein after all 24 blocks, the paper's defaults), plus the same head.
 
-Overhead = ``(step_rein - step_frozen) / step_frozen``. Time per step is the median of
-``--steps`` steps timed with CUDA events after ``--warmup`` untimed ones; peak memory is
-``torch.cuda.max_memory_allocated`` over the timed steps.
+Overhead = ``(step_rein - step_frozen) / step_frozen``. All configurations are built side
+by side and timed interleaved (step i of each before step i + 1 of any, order rotated each
+round). Time per step is the median of ``--steps`` steps timed with CUDA events after
+``--warmup`` untimed ones; peak memory is ``torch.cuda.max_memory_allocated`` during a step
+minus the memory allocated before it, the largest over the timed steps. Before any update
+the loss of every configuration is recorded on the same weights and batch; ``rein_torch``
+and ``rein_triton`` must agree (``SAME_LOSS_RELATIVE``) or the script exits with status 1.
 
 Usage::
 
@@ -70,59 +74,81 @@ def build(config: str, args: argparse.Namespace, device: str):
     return model, head, torch.optim.AdamW(trainable, lr=1e-4, weight_decay=0.05), sum(p.numel() for p in trainable)
 
 
-def time_config(config: str, args: argparse.Namespace, device: str) -> dict:
-    torch.manual_seed(0)
-    model, head, optimizer, trainable = build(config, args, device)
-    images = torch.randn(args.batch, 3, args.image_size, args.image_size, device=device)
-    images.requires_grad_(config != "frozen_head_only")
-    prefix = model.num_prefix_tokens
-    side = args.image_size // model.patch_embed.patch_size[0]
-    labels = torch.randint(0, args.classes, (args.batch, side * side), device=device)
-    amp_dtype = torch.bfloat16
+class Config:
+    """One configuration's model, optimiser, inputs and training step."""
 
-    def step() -> None:
-        optimizer.zero_grad(set_to_none=True)
-        images.grad = None
-        with torch.autocast(device_type=device, dtype=amp_dtype):
-            tokens = model.forward_features(images)[:, prefix:]
-            loss = F.cross_entropy(head(tokens).flatten(0, 1).float(), labels.flatten())
-        loss.backward()
-        optimizer.step()
+    def __init__(self, config: str, args: argparse.Namespace, device: str) -> None:
+        torch.manual_seed(0)  # the same host, Rein and head weights in every configuration
+        self.name, self.device = config, device
+        self.model, self.head, self.optimizer, self.trainable = build(config, args, device)
+        gen = torch.Generator(device="cpu").manual_seed(1)  # the same batch everywhere
+        self.images = torch.randn(args.batch, 3, args.image_size, args.image_size, generator=gen).to(device)
+        self.images.requires_grad_(config != "frozen_head_only")
+        self.prefix = self.model.num_prefix_tokens
+        side = args.image_size // self.model.patch_embed.patch_size[0]
+        self.labels = torch.randint(0, args.classes, (args.batch, side * side), generator=gen).to(device)
 
-    for _ in range(args.warmup):
-        step()
-    times = []
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        events = []
-        for _ in range(args.steps):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            step()
-            end.record()
-            events.append((start, end))
-        torch.cuda.synchronize()
-        times = [s.elapsed_time(e) for s, e in events]
-        peak_memory = torch.cuda.max_memory_allocated()
-    else:
-        for _ in range(args.steps):
-            began = time.perf_counter()
-            step()
-            times.append((time.perf_counter() - began) * 1e3)
-        peak_memory = None
-    result = {
-        "config": config,
-        "step_ms": statistics.median(times),
-        "step_ms_all": times,
-        "trainable_parameters": trainable,
-        "peak_memory_bytes": peak_memory,
-    }
-    del model, head, optimizer, images
-    gc.collect()
-    if device == "cuda":
-        torch.cuda.empty_cache()
-    return result
+    def loss(self) -> torch.Tensor:
+        with torch.autocast(device_type=self.device, dtype=torch.bfloat16):
+            tokens = self.model.forward_features(self.images)[:, self.prefix:]
+            return F.cross_entropy(self.head(tokens).flatten(0, 1).float(), self.labels.flatten())
+
+    def step(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        self.images.grad = None
+        self.loss().backward()
+        self.optimizer.step()
+
+
+def time_configs(args: argparse.Namespace, device: str) -> list[dict]:
+    """All configurations built side by side, warmed up, then timed interleaved: step i of
+    every configuration runs before step i + 1 of any (order rotated each round), so a
+    drift of the machine (clocks, other jobs) hits every configuration alike."""
+    configs = [Config(name, args, device) for name in args.configs]
+    first_loss = {}
+    for config in configs:
+        with torch.no_grad():
+            first_loss[config.name] = config.loss().item()  # before any update: comparable across configs
+        for _ in range(args.warmup):
+            config.step()
+    times = {c.name: [] for c in configs}
+    peaks = {c.name: 0 for c in configs}
+    for round_index in range(args.steps):
+        shift = round_index % len(configs)
+        for config in configs[shift:] + configs[:shift]:
+            if device == "cuda":
+                torch.cuda.synchronize()
+                before = torch.cuda.memory_allocated()
+                torch.cuda.reset_peak_memory_stats()
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                config.step()
+                end.record()
+                torch.cuda.synchronize()
+                times[config.name].append(start.elapsed_time(end))
+                peaks[config.name] = max(peaks[config.name], torch.cuda.max_memory_allocated() - before)
+            else:
+                began = time.perf_counter()
+                config.step()
+                times[config.name].append((time.perf_counter() - began) * 1e3)
+    return [
+        {
+            "config": c.name,
+            "step_ms": statistics.median(times[c.name]),
+            "step_ms_all": times[c.name],
+            "trainable_parameters": c.trainable,
+            "peak_memory_bytes": peaks[c.name] if device == "cuda" else None,
+            "first_loss": first_loss[c.name],
+        }
+        for c in configs
+    ]
+
+
+# The torch and Triton runs must compute the same model: their first losses (same weights,
+# same batch, before any update) may differ by the bf16 rounding of the layer outputs,
+# bounded per layer by 14 u of bf16 relative to the update (tests/test_kernels.py); the
+# loss is checked within 8 u = 3% relative, far below what a wrong kernel gives.
+SAME_LOSS_RELATIVE = 8 * 2.0**-8
 
 
 def plot(result: dict, png_path: Path) -> None:
@@ -175,12 +201,18 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, key) is None:
             setattr(args, key, value)
 
-    rows = []
-    for config in args.configs:
-        row = time_config(config, args, device)
-        rows.append(row)
-        print(f"{config:18s} {row['step_ms']:9.2f} ms/step  trainable {row['trainable_parameters']:>10,d}"
+    rows = time_configs(args, device)
+    for row in rows:
+        print(f"{row['config']:18s} {row['step_ms']:9.2f} ms/step  trainable {row['trainable_parameters']:>10,d}"
+              f"  first loss {row['first_loss']:.5f}"
               + (f"  peak {row['peak_memory_bytes'] / 2**30:.2f} GiB" if row["peak_memory_bytes"] else ""), flush=True)
+    losses = {r["config"]: r["first_loss"] for r in rows}
+    same_loss = None
+    if "rein_torch" in losses and "rein_triton" in losses:
+        difference = abs(losses["rein_triton"] - losses["rein_torch"]) / abs(losses["rein_torch"])
+        same_loss = difference <= SAME_LOSS_RELATIVE
+        print(f"same loss check: rein_triton vs rein_torch relative difference {difference:.2e} "
+              f"(bound {SAME_LOSS_RELATIVE:.2e}): {'ok' if same_loss else 'FAILED'}")
     baseline = next((r["step_ms"] for r in rows if r["config"] == "frozen"), None)
     for row in rows:
         row["overhead_vs_frozen"] = None if baseline is None else row["step_ms"] / baseline - 1
@@ -197,6 +229,8 @@ def main(argv: list[str] | None = None) -> int:
         "torch": torch.__version__,
         "dry_run": args.dry_run,
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "interleaved": True,
+        "same_loss": same_loss,
         "rows": rows,
     }
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -204,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     json_path.write_text(json.dumps(result, indent=2) + "\n")
     plot(result, png_path)
     print(f"wrote {json_path} and {png_path}")
-    return 0
+    return 1 if same_loss is False else 0
 
 
 if __name__ == "__main__":

@@ -220,15 +220,15 @@ def test_only_feats_needing_grad_skips_parameter_reductions_and_stays_correct() 
     assert_matches(grad, expected, 2 * fp32_tolerance(problem), "feats-only grad")  # both sides fp32: 2 K u
 
 
-def _gpu_configs(dtype: torch.dtype) -> dict[str, kernels.KernelConfig]:
-    return kernels.GPU_CONFIGS["32bit" if dtype == torch.float32 else "16bit"]
+def _gpu_configs(io_dtype: torch.dtype, dot_dtype: torch.dtype) -> dict[str, kernels.KernelConfig]:
+    return kernels.GPU_CONFIGS[kernels.config_key(io_dtype, dot_dtype)]
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_shipped_gpu_tile_sizes_under_the_interpreter(monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype) -> None:
     """The GPU tiles (BLOCK_N 32-64, BLOCK_C 64-128, reduce 64-128) on ragged shapes: c=144
     is not a multiple of those tiles and 2 x 70 rows are split in two for the reduction."""
-    monkeypatch.setattr(kernels, "pick_configs", lambda dt, interpreted: _gpu_configs(dt))
+    monkeypatch.setattr(kernels, "pick_configs", lambda io_dt, dot_dt, interpreted: _gpu_configs(io_dt, dot_dt))
     check_against_reference(Problem((2,), 70, 144, 100, True, True, 0.7, 1.0, 7), dtype)
 
 
@@ -299,7 +299,9 @@ def test_opcheck_schema_fake_autograd_registration() -> None:
     torch.library.opcheck(torch.ops.vfm_adapters.rein_update.default, tuple(args))
     no_bias = [v if i not in (3, 5) else None for i, v in enumerate(args)]
     torch.library.opcheck(torch.ops.vfm_adapters.rein_update.default, tuple(no_bias))
-    backward_args = (grad_out, *[v.detach() for v in values], True)
+    # Prefix tokens and bf16 dots for fp32 activations (the autocast path).
+    torch.library.opcheck(torch.ops.vfm_adapters.rein_update.default, (*args, 2, torch.bfloat16))
+    backward_args = (grad_out, *[v.detach() for v in values], 0, None, True)
     torch.library.opcheck(
         torch.ops.vfm_adapters.rein_update_backward.default, backward_args, test_utils=("test_schema", "test_faketensor")
     )
@@ -312,7 +314,7 @@ def test_fake_tensor_mode_shapes_and_dtypes() -> None:
         feats = torch.empty(2, 4096, 1024, dtype=torch.bfloat16)
         params = [torch.empty(100, 1024), torch.empty(1024, 1024), None, torch.empty(1024, 1024), torch.empty(1024), torch.empty(())]
         out = torch.ops.vfm_adapters.rein_update(feats, *params)
-        grads = torch.ops.vfm_adapters.rein_update_backward(out, feats, *params, True)
+        grads = torch.ops.vfm_adapters.rein_update_backward(out, feats, *params, 0, torch.bfloat16, True)
     assert out.shape == feats.shape and out.dtype == torch.bfloat16
     assert [tuple(g.shape) for g in grads] == [(2, 4096, 1024), (100, 1024), (1024, 1024), (1024,), (1024, 1024), (1024,), ()]
     assert grads[0].dtype == torch.bfloat16 and all(g.dtype == torch.float32 for g in grads[1:])
@@ -346,6 +348,10 @@ SM90_CASES = [
     for dtype in ("bf16", "fp32")
     for kernel in ("forward", "backward_rows", "backward_reduce")
     for m_pad in ((16, 32, 64, 128) if kernel != "backward_reduce" else (16, 128))
+] + [  # fp32 activations with bf16 dots (autocast): the smallest and the largest token tile
+    (kernel, "fp32>bf16", m_pad)
+    for kernel in ("forward", "backward_rows", "backward_reduce")
+    for m_pad in ((16, 128) if kernel != "backward_reduce" else (128,))
 ]
 
 
@@ -418,3 +424,195 @@ def test_a_whole_model_with_prefix_tokens_matches_the_torch_path(monkeypatch: py
         if name.startswith(("transform", "merge")):
             continue  # the query link is not on the backbone's path
         torch.testing.assert_close(got.grad, expected.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+# --- autocast: fp32 residual stream, 16-bit dot products ------------------------------
+
+# fp32 activations under bf16 autocast, checked against float64 on the UNROUNDED fp32
+# inputs. The kernel rounds the dot operands f, T and W_f to bf16 in registers (3 more
+# roundings than the 16-bit analysis of the module docstring, whose 8 u already covers U,
+# P, dZ/dP and the result, each at most twice the result's magnitude: 8 u + 3 x 2 u), and
+# keeps the residual add and the output in fp32, so the error of out = f + s df is that of
+# s df alone. Errors are therefore taken relative to max |out - f| (and max |grad_f - g|),
+# which an output rounded to bf16 would miss when |s df| << |f| (scale 0.02 below).
+# Measured on three problems (scales 0.02, 0.5, 1): at most 3.1 u over the output and every
+# gradient; the same output rounded to bf16 would be 15.8 u off at scale 0.02.
+AUTOCAST_TOLERANCE_UNITS = HALF_TOLERANCE_UNITS + 3 * 2
+
+
+class LaunchSpy:
+    """Records the kernel name, DOT_DTYPE, UPCAST_DOT and configuration key of every launch."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, gpu_configs: bool = False) -> None:
+        from triton.runtime.interpreter import InterpretedFunction
+
+        self.launches: list[dict] = []
+        self.keys: list[str] = []
+        original_run, original_pick = InterpretedFunction.run, kernels.pick_configs
+        spy = self
+
+        def run(self, *args, **kwargs):
+            spy.launches.append({"kernel": self.fn.__name__, "args": args, **kwargs})
+            return original_run(self, *args, **kwargs)
+
+        def pick(io_dtype, dot_dtype, interpreted):
+            spy.keys.append(kernels.config_key(io_dtype, dot_dtype))
+            return _gpu_configs(io_dtype, dot_dtype) if gpu_configs else original_pick(io_dtype, dot_dtype, interpreted)
+
+        monkeypatch.setattr(InterpretedFunction, "run", run)
+        monkeypatch.setattr(kernels, "pick_configs", pick)
+
+
+def relative_to_update(actual: torch.Tensor, expected: torch.Tensor, base: torch.Tensor) -> float:
+    """max |actual - expected| / max |expected - base|: the error of the update part alone."""
+    update = (expected.double() - base.double()).abs().max().item()
+    return (actual.double() - expected.double()).abs().max().item() / update
+
+
+def check_autocast_layer(problem: Problem, run, monkeypatch: pytest.MonkeyPatch, gpu_configs: bool = False) -> LaunchSpy:
+    """Runs ``run(leaves)`` (fp32 leaves) under the spy and checks output and gradients against float64."""
+    values, grad_out = problem.inputs()
+    spy = LaunchSpy(monkeypatch, gpu_configs)
+    leaves = [None if v is None else v.clone().requires_grad_() for v in values]
+    out = run(leaves)
+    assert out.dtype == torch.float32
+    present = [leaf for leaf in leaves if leaf is not None]
+    grads = iter(torch.autograd.grad(out, present, grad_out))
+    grads = [None if leaf is None else next(grads) for leaf in leaves]
+    expected_out, expected_grads = forward_and_grads(rein_update_reference, values, grad_out, [torch.float64] * 7)
+    limit = AUTOCAST_TOLERANCE_UNITS * UNIT_ROUNDOFF[torch.bfloat16]
+    error = relative_to_update(out, expected_out, values[0])
+    assert error <= limit, f"{problem} output: error {error:.3g} relative to max |s df| > {limit:.3g}"
+    for name, grad, expected, value in zip(INPUT_NAMES, grads, expected_grads, values):
+        if value is None:
+            continue
+        assert grad.dtype == torch.float32, f"grad of {name} is {grad.dtype}"
+        if name == "feats":
+            error = relative_to_update(grad, expected, grad_out)
+            assert error <= limit, f"{problem} grad of feats: error {error:.3g} relative to max |grad - g| > {limit:.3g}"
+        else:
+            condition = scale_grad_condition(values, grad_out) if name == "scale" else None
+            assert_matches(grad, expected, limit, f"{problem} autocast grad of {name}", condition)
+    return spy
+
+
+def test_autocast_fp32_residual_runs_bf16_dots_with_fp32_output(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under torch.autocast(bf16) fp32 activations take the 16-bit-dot configuration: every
+    launch gets DOT_DTYPE=bf16 (upcast after rounding under the interpreter) and the
+    "32bit_in_16bit_dot" tiles; the output and every gradient stay fp32."""
+    problem = Problem((2,), 37, 48, 100, True, True, 0.02, 1.0, 21)
+
+    def run(leaves):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return rein_update_triton(*leaves)
+
+    spy = check_autocast_layer(problem, run, monkeypatch)
+    assert [launch["kernel"] for launch in spy.launches] == [
+        "_rein_forward_kernel", "_rein_backward_rows_kernel", "_rein_backward_reduce_kernel"]
+    assert all(launch["DOT_DTYPE"] == triton_language().bfloat16 for launch in spy.launches)
+    assert all(launch["UPCAST_DOT"] for launch in spy.launches)
+    assert spy.keys == ["32bit_in_16bit_dot"] * 3
+    # The token-side operands are handed over in bf16, the activations stay fp32.
+    forward = spy.launches[0]["args"]
+    assert forward[0].dtype == torch.float32 and forward[6].dtype == torch.float32
+    assert {forward[i].dtype for i in (1, 2, 3)} == {torch.bfloat16}
+
+
+def triton_language():
+    import triton.language as tl
+
+    return tl
+
+
+def test_cuda_autocast_decision_with_the_shipped_gpu_tiles(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What a CUDA autocast region resolves to (compute_dtype=bf16, passed explicitly since
+    CUDA autocast needs a GPU), run with the shipped GPU tiles of that configuration."""
+    problem = Problem((2,), 70, 144, 100, True, True, 0.02, 1.0, 22)
+    spy = check_autocast_layer(
+        problem, lambda leaves: rein_update_triton(*leaves, compute_dtype=torch.bfloat16), monkeypatch, gpu_configs=True
+    )
+    assert spy.keys == ["32bit_in_16bit_dot"] * 3
+    forward = spy.launches[0]
+    assert forward["BLOCK_N"] == kernels.GPU_CONFIGS["32bit_in_16bit_dot"]["forward"].block_rows
+
+
+def test_outside_autocast_and_for_half_inputs_the_dtype_is_the_inputs() -> None:
+    from vfm_adapters.kernels.triton_rein import _dot_dtype, autocast_compute_dtype
+
+    assert autocast_compute_dtype(torch.zeros(2, 16)) == torch.float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert autocast_compute_dtype(torch.zeros(2, 16)) == torch.bfloat16
+        assert autocast_compute_dtype(torch.zeros(2, 16, dtype=torch.float16)) == torch.float16
+    assert _dot_dtype(torch.zeros(2, 16, dtype=torch.float16), torch.bfloat16) == torch.float16
+    with pytest.raises(ValueError, match="compute_dtype"):
+        _dot_dtype(torch.zeros(2, 16), torch.int8)
+
+
+# --- strided rows and the output buffer ----------------------------------------------
+
+
+def strided_views(batch: int, tokens: int, channels: int, seed: int) -> dict[str, torch.Tensor]:
+    """The same kind of (B, N, c) hidden state laid out three ways, none of them a plain tensor."""
+    gen = torch.Generator().manual_seed(seed)
+    return {
+        "wider rows": torch.randn(batch, tokens, 2 * channels, generator=gen)[..., channels:],  # row stride 2c
+        "token-major": torch.randn(tokens, batch, channels, generator=gen).transpose(0, 1),  # image stride c
+        "contiguous": torch.randn(batch, tokens, channels, generator=gen),
+    }
+
+
+@pytest.mark.parametrize("layout", ["wider rows", "token-major", "contiguous"])
+@pytest.mark.parametrize("prefix", [0, 5])
+def test_strided_hidden_with_prefix_tokens_forward_and_backward(
+    monkeypatch: pytest.MonkeyPatch, layout: str, prefix: int
+) -> None:
+    """The whole hidden state goes in; the kernels read hidden[:, prefix:] where it lies
+    (the pointer and strides they receive are the view's, no copy) and write the patch rows
+    into the output buffer that already holds the prefix tokens; the feats gradient is
+    written the same way. Checked against float64 with the fp32 tolerance K u."""
+    batch, n_all, channels = 2, 5 + 29, 32
+    problem = Problem((batch,), n_all - prefix, channels, 17, True, True, 0.7, 1.0, 23)
+    values, _ = problem.inputs()
+    hidden = strided_views(batch, n_all, channels, 24)[layout]
+    grad_out = torch.randn(batch, n_all, channels, generator=torch.Generator().manual_seed(25))
+    spy = LaunchSpy(monkeypatch)
+    leaf = hidden.requires_grad_()
+    params = [None if v is None else v.clone().requires_grad_() for v in values[1:]]
+    out = rein_update_triton(leaf, *params, num_prefix_tokens=prefix)
+    out.backward(grad_out)
+
+    forward, rows, reduce = spy.launches
+    patches = hidden[:, prefix:]
+    for launch, position in ((forward, 0), (rows, 0), (reduce, 0)):
+        given = launch["args"][position]
+        assert given.data_ptr() == patches.data_ptr() and given.stride() == patches.stride(), launch["kernel"]
+    written = forward["args"][6]
+    assert written.data_ptr() == out[:, prefix:].data_ptr(), "the forward wrote somewhere else than the output"
+    assert torch.equal(out[:, :prefix], hidden[:, :prefix].detach()), "prefix tokens changed"
+    assert torch.equal(leaf.grad[:, :prefix], grad_out[:, :prefix]), "prefix gradient changed"
+
+    expected_leaves = [hidden.detach().double().requires_grad_()] + [
+        None if v is None else v.double().requires_grad_() for v in values[1:]]
+    reference_out = torch.cat([expected_leaves[0][:, :prefix],
+                               rein_update_reference(expected_leaves[0][:, prefix:], *expected_leaves[1:])], dim=1)
+    reference_out.backward(grad_out.double())
+    limit = fp32_tolerance(problem)
+    assert_matches(out, reference_out, limit, f"{layout} prefix={prefix} output")
+    assert_matches(leaf.grad, expected_leaves[0].grad, limit, f"{layout} prefix={prefix} grad of hidden")
+    for name, param, expected in zip(INPUT_NAMES[1:], params, expected_leaves[1:]):
+        if param is None:
+            continue
+        condition = scale_grad_condition([hidden[:, prefix:].detach(), *values[1:]], grad_out[:, prefix:]) \
+            if name == "scale" else None
+        assert_matches(param.grad, expected.grad, limit, f"{layout} prefix={prefix} grad of {name}", condition)
+
+
+def test_prefix_tokens_dispatch_and_torch_path_agree() -> None:
+    problem = Problem((3,), 12, 32, 4, True, False, 0.5, 1.0, 26)
+    values, _ = problem.inputs()
+    torch_out = rein_update(*values, kernel="torch", num_prefix_tokens=2)
+    triton_out = rein_update(*values, kernel="triton", num_prefix_tokens=2)
+    assert torch.equal(torch_out[:, :2], values[0][:, :2])
+    assert_matches(triton_out, torch_out, 2 * fp32_tolerance(problem), "prefix dispatch")
+    with pytest.raises(ValueError, match="num_prefix_tokens"):
+        rein_update_triton(*values, num_prefix_tokens=13)

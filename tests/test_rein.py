@@ -168,7 +168,7 @@ def test_kernel_triton_without_a_gpu_or_interpreter_is_a_clear_error(monkeypatch
 
 def test_kernel_triton_refuses_shapes_it_cannot_take_at_injection(monkeypatch, tiny_vit):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    with pytest.raises(va.AdapterError, match="at most 128 tokens"):
+    with pytest.raises(va.AdapterError, match="at most 128 tokens"):  # the reason vfm_adapters.kernels.supports gives
         va.inject_rein(tiny_vit, kernel="triton", token_length=129)
     assert not hasattr(tiny_vit, "vfm_adapters")
 
@@ -211,3 +211,25 @@ def test_rein_runs_in_the_features_dtype(dtype, patches, prefix, seed):
     error = (out[:, prefix:].double() - exact).abs().max() / exact.abs().max()
     assert error < 2e-2
     assert torch.equal(out[:, :prefix], hidden[:, :prefix])
+
+
+def test_kernel_capability_is_public_and_auto_is_resolved_once(monkeypatch, tiny_vit):
+    """supports() is the public capability query; "auto" resolves at injection and again
+    only for a new device or dtype; with no GPU measurement recorded it means PyTorch."""
+    import vfm_adapters.kernels as kernels
+    import vfm_adapters.methods.rein as rein_module
+
+    assert kernels.supports(1024, 100) and not kernels.supports(1024, 129) and not kernels.supports(24, 4)
+    assert kernels.TRITON_MEASURED_FASTER == frozenset()
+    calls = []
+    original = rein_module.resolve_kernel
+    monkeypatch.setattr(rein_module, "resolve_kernel", lambda *a, **k: calls.append(a[1].dtype) or original(*a, **k))
+    model = va.inject_rein(tiny_vit, kernel="auto", token_length=5, rank=2)
+    assert calls == [torch.float32]  # at injection
+    images = torch.randn(1, 3, 56, 56)
+    model.forward_features(images)
+    model.forward_features(images)
+    assert calls == [torch.float32]  # every block of both forwards used the cached answer
+    model.to(torch.bfloat16).forward_features(images.bfloat16())
+    assert calls == [torch.float32, torch.bfloat16]  # a new dtype: resolved once more
+    assert model.vfm_adapters.rein.kernel_for(images) == "torch"

@@ -18,7 +18,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from ._triton_kernels import _COMPILED, GPU_CONFIGS, KernelConfig, dot_precision
+from ._triton_kernels import _COMPILED, _TL_DTYPE, GPU_CONFIGS, KernelConfig, config_key, dot_precision
 
 # H100 / H200 (sm_90): 228 KB shared memory per SM, at most 227 KB for one block.
 SM90_MAX_SHARED_PER_BLOCK = 227 * 1024
@@ -45,26 +45,39 @@ class CompiledResources:
         return asdict(self)
 
 
-def _signature(kernel: str, dtype: torch.dtype) -> tuple[dict[str, str], list[str]]:
-    """Argument types of one kernel and the arguments Triton would mark 16-divisible."""
-    ptr = "*" + _TRITON_DTYPE[dtype]
+def _signature(kernel: str, dtype: torch.dtype, dot_dtype: torch.dtype) -> tuple[dict[str, str], list[str]]:
+    """Argument types of one kernel and the arguments Triton would mark 16-divisible.
+
+    Activations (f, g, outputs, side tensor) are in ``dtype``; the token-side operands
+    (T, U, W_f) in ``dot_dtype``. Strides are i32 as Triton types them at the target shapes
+    (the kernels widen them to int64), and multiples of c, so of 16.
+    """
+    ptr, dot_ptr = "*" + _TRITON_DTYPE[dtype], "*" + _TRITON_DTYPE[dot_dtype]
+    strides = lambda *names: {f"{n}_stride_image": "i32" for n in names} | {f"{n}_stride_row": "i32" for n in names}  # noqa: E731
     if kernel == "forward":
-        pointers = {"f_ptr": ptr, "t_ptr": ptr, "u_ptr": ptr, "w_ptr": ptr, "b_ptr": "*fp32", "s_ptr": "*fp32", "out_ptr": ptr}
-        scalars = {"n_rows": "i32", "channels": "i32", "n_tokens": "i32", "softmax_scale": "fp32"}
+        pointers = {"f_ptr": ptr, "t_ptr": dot_ptr, "u_ptr": dot_ptr, "w_ptr": dot_ptr, "b_ptr": "*fp32", "s_ptr": "*fp32",
+                    "out_ptr": ptr}
+        stride_args = strides("f", "out")
+        scalars = {"n_rows": "i32", "rows_per_image": "i32", **stride_args, "channels": "i32", "n_tokens": "i32",
+                   "softmax_scale": "fp32"}
     elif kernel == "backward_rows":
-        pointers = {"f_ptr": ptr, "g_ptr": ptr, "t_ptr": ptr, "u_ptr": ptr, "w_ptr": ptr, "s_ptr": "*fp32",
+        pointers = {"f_ptr": ptr, "g_ptr": ptr, "t_ptr": dot_ptr, "u_ptr": dot_ptr, "w_ptr": dot_ptr, "s_ptr": "*fp32",
                     "grad_f_ptr": ptr, "side_ptr": ptr}
-        scalars = {"n_rows": "i32", "channels": "i32", "n_tokens": "i32", "softmax_scale": "fp32"}
+        stride_args = strides("f", "g", "grad")
+        scalars = {"n_rows": "i32", "rows_per_image": "i32", **stride_args, "channels": "i32", "n_tokens": "i32",
+                   "softmax_scale": "fp32"}
     elif kernel == "backward_reduce":
         pointers = {"f_ptr": ptr, "g_ptr": ptr, "side_ptr": ptr, "out_ptr": "*fp32"}
-        scalars = {"n_rows": "i32", "channels": "i32", "rows_per_split": "i32", "out_rows": "i32"}
+        stride_args = strides("f", "g")
+        scalars = {"n_rows": "i32", "rows_per_image": "i32", **stride_args, "channels": "i32", "rows_per_split": "i32",
+                   "out_rows": "i32"}
     else:
         raise ValueError(f"unknown kernel {kernel!r}")
-    return {**pointers, **scalars}, [*pointers, "channels"]
+    return {**pointers, **scalars}, [*pointers, *stride_args, "channels"]
 
 
 def _constexprs(kernel: str, dtype: torch.dtype, m_pad: int, config: KernelConfig) -> dict[str, object]:
-    common = {"M_PAD": m_pad, "UPCAST_DOT": False, "DOT_PRECISION": dot_precision(dtype)}
+    common = {"M_PAD": m_pad, "UPCAST_DOT": False, "DOT_PRECISION": dot_precision(dtype), "DOT_DTYPE": _TL_DTYPE[dtype]}
     if kernel == "backward_reduce":
         return {**common, "BLOCK_I": config.block_rows, "BLOCK_J": config.block_cols, "BLOCK_R": config.block_k}
     blocks = {"BLOCK_N": config.block_rows, "BLOCK_C": config.block_cols, "BLOCK_K": config.block_k}
@@ -109,7 +122,8 @@ def _resource_report(cubin: bytes, ptx: str, arch: int) -> dict[str, int]:
 
 
 def compile_config(
-    kernel: str, dtype: torch.dtype, m_pad: int, config: KernelConfig, arch: int = 90
+    kernel: str, dtype: torch.dtype, m_pad: int, config: KernelConfig, arch: int = 90,
+    dot_dtype: torch.dtype | None = None,
 ) -> CompiledResources:
     """Compiles one kernel configuration for ``sm_<arch>`` and reads its resource usage.
 
@@ -120,8 +134,9 @@ def compile_config(
         >>> r.spill_stores  # doctest: +SKIP
         0
     """
-    signature, divisible = _signature(kernel, dtype)
-    constexprs = _constexprs(kernel, dtype, m_pad, config)
+    dot_dtype = dot_dtype or dtype
+    signature, divisible = _signature(kernel, dtype, dot_dtype)
+    constexprs = _constexprs(kernel, dot_dtype, m_pad, config)
     fn = _COMPILED[kernel]
     signature.update({name: "constexpr" for name in constexprs})
     attrs = {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name in divisible}
@@ -134,7 +149,7 @@ def compile_config(
     report = _resource_report(compiled.asm["cubin"], compiled.asm["ptx"], arch)
     return CompiledResources(
         kernel=kernel,
-        dtype=_TRITON_DTYPE[dtype],
+        dtype=_TRITON_DTYPE[dtype] if dot_dtype == dtype else f"{_TRITON_DTYPE[dtype]}>{_TRITON_DTYPE[dot_dtype]}",
         m_pad=m_pad,
         config=config,
         registers=report["registers"],
@@ -156,13 +171,20 @@ def shipped_configurations(m_pads: tuple[int, ...] = (128,)) -> list[tuple[str, 
     return entries
 
 
+_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
 def compile_shipped_config(kernel: str, dtype_name: str, m_pad: int, arch: int = 90) -> dict:
     """Picklable entry point for worker processes: compiles the shipped config of one kernel.
 
     Run it in a process where triton was imported without ``TRITON_INTERPRET``: with the
     interpreter on, triton's standard library is built as interpreted functions and the
     compiler cannot use them.
+
+    ``dtype_name`` is the activations' dtype ("bf16", "fp16", "fp32"), or "fp32>bf16" /
+    "fp32>fp16" for fp32 activations with 16-bit dot operands (autocast).
     """
-    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype_name]
-    config = GPU_CONFIGS["32bit" if dtype == torch.float32 else "16bit"][kernel]
-    return compile_config(kernel, dtype, m_pad, config, arch).as_dict()
+    io_name, _, dot_name = dtype_name.partition(">")
+    dtype, dot_dtype = _DTYPES[io_name], _DTYPES[dot_name or io_name]
+    config = GPU_CONFIGS[config_key(dtype, dot_dtype)][kernel]
+    return compile_config(kernel, dtype, m_pad, config, arch, dot_dtype=dot_dtype).as_dict()

@@ -69,6 +69,11 @@ def _rein_forward_kernel(
     s_ptr,
     out_ptr,
     n_rows,
+    rows_per_image,
+    f_stride_image,
+    f_stride_row,
+    out_stride_image,
+    out_stride_row,
     channels,
     n_tokens,
     softmax_scale,
@@ -79,14 +84,21 @@ def _rein_forward_kernel(
     BLOCK_K: tl.constexpr,
     UPCAST_DOT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
 ):
     pid = tl.program_id(0)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < n_rows
-    row_offsets = rows.to(tl.int64) * channels
+    # Row r is row (r mod n) of image (r div n): strided views such as hidden[:, prefix:]
+    # are read and written where they lie, without a contiguous copy.
+    # int32 division (row indices fit: n_rows is i32), then 64-bit offsets.
+    image = rows // rows_per_image
+    within = (rows - image * rows_per_image).to(tl.int64)
+    image = image.to(tl.int64)
+    row_offsets = image * f_stride_image + within * f_stride_row
+    out_offsets = image * out_stride_image + within * out_stride_row
     toks = tl.arange(0, M_PAD)
     tok_mask = toks < n_tokens
-    dtype = f_ptr.dtype.element_ty
 
     # Logits f T^T over the token columns (the first m columns of [T^T | W_f^T]).
     logits = tl.full((BLOCK_N, M_PAD), 0.0, tl.float32)
@@ -95,6 +107,10 @@ def _rein_forward_kernel(
         k_mask = ks < channels
         f_tile = tl.load(f_ptr + row_offsets[:, None] + ks[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0)
         t_tile = tl.load(t_ptr + toks[None, :] * channels + ks[:, None], mask=tok_mask[None, :] & k_mask[:, None], other=0.0)
+        # Operands go to the dot in DOT_DTYPE (fp32 activations under bf16 autocast are
+        # rounded here, in registers); the accumulation stays fp32.
+        f_tile = f_tile.to(DOT_DTYPE)
+        t_tile = t_tile.to(DOT_DTYPE)
         if UPCAST_DOT:  # interpreter: bf16 tl.dot is wrong there, see the module docstring
             f_tile = f_tile.to(tl.float32)
             t_tile = t_tile.to(tl.float32)
@@ -106,7 +122,7 @@ def _rein_forward_kernel(
     exps = tl.exp2(logits - row_max[:, None])
     probs = exps / tl.reduce(exps, 1, _SUM_COMBINE)[:, None]
     probs = tl.where(toks[None, :] >= 1, probs, 0.0)  # token 0 is the sink: in the softmax, not in D
-    probs_op = probs.to(dtype)
+    probs_op = probs.to(DOT_DTYPE)
     if UPCAST_DOT:
         probs_op = probs_op.to(tl.float32)
 
@@ -115,7 +131,7 @@ def _rein_forward_kernel(
         cols = c0 + tl.arange(0, BLOCK_C)
         col_mask = cols < channels
         # P U: U's padded rows (and row 0) are zero in memory, so no token mask is needed.
-        u_tile = tl.load(u_ptr + toks[:, None] * channels + cols[None, :], mask=col_mask[None, :], other=0.0)
+        u_tile = tl.load(u_ptr + toks[:, None] * channels + cols[None, :], mask=col_mask[None, :], other=0.0).to(DOT_DTYPE)
         if UPCAST_DOT:
             u_tile = u_tile.to(tl.float32)
         acc = tl.dot(probs_op, u_tile, input_precision=DOT_PRECISION)
@@ -125,6 +141,8 @@ def _rein_forward_kernel(
             k_mask = ks < channels
             f_tile = tl.load(f_ptr + row_offsets[:, None] + ks[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0)
             w_tile = tl.load(w_ptr + cols[None, :] * channels + ks[:, None], mask=col_mask[None, :] & k_mask[:, None], other=0.0)
+            f_tile = f_tile.to(DOT_DTYPE)
+            w_tile = w_tile.to(DOT_DTYPE)
             if UPCAST_DOT:
                 f_tile = f_tile.to(tl.float32)
                 w_tile = w_tile.to(tl.float32)
@@ -134,7 +152,7 @@ def _rein_forward_kernel(
         io_mask = row_mask[:, None] & col_mask[None, :]
         f_cols = tl.load(f_ptr + row_offsets[:, None] + cols[None, :], mask=io_mask, other=0.0).to(tl.float32)
         out = f_cols + scale * acc
-        tl.store(out_ptr + row_offsets[:, None] + cols[None, :], out.to(out_ptr.dtype.element_ty), mask=io_mask)
+        tl.store(out_ptr + out_offsets[:, None] + cols[None, :], out.to(out_ptr.dtype.element_ty), mask=io_mask)
 
 
 def _rein_backward_rows_kernel(
@@ -147,6 +165,13 @@ def _rein_backward_rows_kernel(
     grad_f_ptr,
     side_ptr,
     n_rows,
+    rows_per_image,
+    f_stride_image,
+    f_stride_row,
+    g_stride_image,
+    g_stride_row,
+    grad_stride_image,
+    grad_stride_row,
     channels,
     n_tokens,
     softmax_scale,
@@ -156,14 +181,21 @@ def _rein_backward_rows_kernel(
     BLOCK_K: tl.constexpr,
     UPCAST_DOT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
 ):
     pid = tl.program_id(0)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < n_rows
-    row_offsets = rows.to(tl.int64) * channels
+    # int32 division (row indices fit: n_rows is i32), then 64-bit offsets.
+    image = rows // rows_per_image
+    within = (rows - image * rows_per_image).to(tl.int64)
+    image = image.to(tl.int64)
+    row_offsets = image * f_stride_image + within * f_stride_row
+    g_offsets = image * g_stride_image + within * g_stride_row
+    grad_offsets = image * grad_stride_image + within * grad_stride_row
     toks = tl.arange(0, M_PAD)
     tok_mask = toks < n_tokens
-    dtype = f_ptr.dtype.element_ty
+    side_dtype = side_ptr.dtype.element_ty
 
     # One pass over the rows of f and g: logits f T^T and dP/s = g U^T (U row 0 and the
     # padded rows are zero, so the sink and padding columns of dP/s are zero).
@@ -174,9 +206,12 @@ def _rein_backward_rows_kernel(
         k_mask = ks < channels
         tile_mask = row_mask[:, None] & k_mask[None, :]
         f_tile = tl.load(f_ptr + row_offsets[:, None] + ks[None, :], mask=tile_mask, other=0.0)
-        g_tile = tl.load(g_ptr + row_offsets[:, None] + ks[None, :], mask=tile_mask, other=0.0)
+        g_tile = tl.load(g_ptr + g_offsets[:, None] + ks[None, :], mask=tile_mask, other=0.0).to(DOT_DTYPE)
         t_tile = tl.load(t_ptr + toks[None, :] * channels + ks[:, None], mask=tok_mask[None, :] & k_mask[:, None], other=0.0)
         u_tile = tl.load(u_ptr + toks[None, :] * channels + ks[:, None], mask=k_mask[:, None], other=0.0)
+        f_tile = f_tile.to(DOT_DTYPE)
+        t_tile = t_tile.to(DOT_DTYPE)
+        u_tile = u_tile.to(DOT_DTYPE)
         if UPCAST_DOT:
             f_tile = f_tile.to(tl.float32)
             g_tile = g_tile.to(tl.float32)
@@ -195,10 +230,10 @@ def _rein_backward_rows_kernel(
 
     side_offsets = rows.to(tl.int64)[:, None] * (2 * M_PAD) + toks[None, :]
     side_mask = row_mask[:, None] & (toks[None, :] < M_PAD)
-    tl.store(side_ptr + side_offsets, dscores.to(dtype), mask=side_mask)
+    tl.store(side_ptr + side_offsets, dscores.to(side_dtype), mask=side_mask)
     # P with the sink column set to one: its reduction against g gives P^T g and colsum(g).
     probs_aug = tl.where(toks[None, :] == 0, 1.0, probs)
-    tl.store(side_ptr + side_offsets + M_PAD, probs_aug.to(dtype), mask=side_mask)
+    tl.store(side_ptr + side_offsets + M_PAD, probs_aug.to(side_dtype), mask=side_mask)
 
     # The (BLOCK_N x M_PAD) tiles die here: the column loop below reads dZ/s back from the
     # side tensor in TOKEN_CHUNK slices (L1/L2 hits) instead of keeping it in registers,
@@ -216,6 +251,8 @@ def _rein_backward_rows_kernel(
             chunk = j0 + tl.arange(0, TOKEN_CHUNK)
             dz_tile = tl.load(side_ptr + rows.to(tl.int64)[:, None] * (2 * M_PAD) + chunk[None, :], mask=row_mask[:, None], other=0.0)
             t_tile = tl.load(t_ptr + chunk[:, None] * channels + cols[None, :], mask=(chunk[:, None] < n_tokens) & col_mask[None, :], other=0.0)
+            dz_tile = dz_tile.to(DOT_DTYPE)
+            t_tile = t_tile.to(DOT_DTYPE)
             if UPCAST_DOT:
                 dz_tile = dz_tile.to(tl.float32)
                 t_tile = t_tile.to(tl.float32)
@@ -224,16 +261,18 @@ def _rein_backward_rows_kernel(
         for k0 in range(0, channels, BLOCK_K):
             ks = k0 + tl.arange(0, BLOCK_K)
             k_mask = ks < channels
-            g_tile = tl.load(g_ptr + row_offsets[:, None] + ks[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+            g_tile = tl.load(g_ptr + g_offsets[:, None] + ks[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0)
             w_tile = tl.load(w_ptr + ks[:, None] * channels + cols[None, :], mask=k_mask[:, None] & col_mask[None, :], other=0.0)
+            g_tile = g_tile.to(DOT_DTYPE)
+            w_tile = w_tile.to(DOT_DTYPE)
             if UPCAST_DOT:
                 g_tile = g_tile.to(tl.float32)
                 w_tile = w_tile.to(tl.float32)
             acc = tl.dot(g_tile, w_tile, acc, input_precision=DOT_PRECISION)
         io_mask = row_mask[:, None] & col_mask[None, :]
-        g_cols = tl.load(g_ptr + row_offsets[:, None] + cols[None, :], mask=io_mask, other=0.0).to(tl.float32)
+        g_cols = tl.load(g_ptr + g_offsets[:, None] + cols[None, :], mask=io_mask, other=0.0).to(tl.float32)
         grad = g_cols + scale * acc
-        tl.store(grad_f_ptr + row_offsets[:, None] + cols[None, :], grad.to(grad_f_ptr.dtype.element_ty), mask=io_mask)
+        tl.store(grad_f_ptr + grad_offsets[:, None] + cols[None, :], grad.to(grad_f_ptr.dtype.element_ty), mask=io_mask)
 
 
 def _rein_backward_reduce_kernel(
@@ -242,6 +281,11 @@ def _rein_backward_reduce_kernel(
     side_ptr,
     out_ptr,
     n_rows,
+    rows_per_image,
+    f_stride_image,
+    f_stride_row,
+    g_stride_image,
+    g_stride_row,
     channels,
     rows_per_split,
     out_rows,
@@ -251,6 +295,7 @@ def _rein_backward_reduce_kernel(
     BLOCK_R: tl.constexpr,
     UPCAST_DOT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
 ):
     """out[split, i, j] = sum over the split's rows of left[r, i] * right[r, j], where the
     i-blocks cover three regions: g^T f, (dZ/s)^T f and P_aug^T g.
@@ -268,10 +313,17 @@ def _rein_backward_reduce_kernel(
 
     in_features = pid_i < channel_blocks
     in_dscores = (pid_i >= channel_blocks) & (pid_i < channel_blocks + TOKEN_BLOCKS)
-    # Region-dependent operands, chosen with scalar selects (same element type everywhere).
+    # Region-dependent operands, chosen with scalar selects (same element type everywhere:
+    # the side tensor is kept in the activations' dtype).
+    # Strides are selected as scalars too, so the row offsets stay one affine expression per
+    # operand (the side tensor is contiguous: image stride n * 2 M_PAD, row stride 2 M_PAD).
     left_ptr = tl.where(in_features, g_ptr, tl.where(in_dscores, side_ptr, side_ptr + M_PAD))
-    right_ptr = tl.where(in_features | in_dscores, f_ptr, g_ptr)
-    left_stride = tl.where(in_features, channels, 2 * M_PAD)
+    right_is_f = in_features | in_dscores
+    right_ptr = tl.where(right_is_f, f_ptr, g_ptr)
+    left_stride_image = tl.where(in_features, g_stride_image, rows_per_image * (2 * M_PAD)).to(tl.int64)
+    left_stride_row = tl.where(in_features, g_stride_row, 2 * M_PAD).to(tl.int64)
+    right_stride_image = tl.where(right_is_f, f_stride_image, g_stride_image).to(tl.int64)
+    right_stride_row = tl.where(right_is_f, f_stride_row, g_stride_row).to(tl.int64)
     left_width = tl.where(in_features, channels, M_PAD)
     block_in_region = tl.where(
         in_features, pid_i, tl.where(in_dscores, pid_i - channel_blocks, pid_i - channel_blocks - TOKEN_BLOCKS)
@@ -287,11 +339,17 @@ def _rein_backward_reduce_kernel(
     for r0 in range(row_start, row_end, BLOCK_R):
         rs = r0 + tl.arange(0, BLOCK_R)
         r_mask = rs < row_end
-        rs64 = rs.to(tl.int64)
+        image = rs // rows_per_image
+        within = (rs - image * rows_per_image).to(tl.int64)
+        image = image.to(tl.int64)
+        left_offsets = image * left_stride_image + within * left_stride_row
+        right_offsets = image * right_stride_image + within * right_stride_row
         left = tl.load(
-            left_ptr + rs64[None, :] * left_stride + left_cols[:, None], mask=left_mask[:, None] & r_mask[None, :], other=0.0
-        )
-        right = tl.load(right_ptr + rs64[:, None] * channels + cols[None, :], mask=r_mask[:, None] & col_mask[None, :], other=0.0)
+            left_ptr + left_offsets[None, :] + left_cols[:, None], mask=left_mask[:, None] & r_mask[None, :], other=0.0
+        ).to(DOT_DTYPE)
+        right = tl.load(
+            right_ptr + right_offsets[:, None] + cols[None, :], mask=r_mask[:, None] & col_mask[None, :], other=0.0
+        ).to(DOT_DTYPE)
         if UPCAST_DOT:
             left = left.to(tl.float32)
             right = right.to(tl.float32)
@@ -343,6 +401,13 @@ GPU_CONFIGS: dict[str, dict[str, KernelConfig]] = {
         "backward_rows": KernelConfig(32, 64, 16, num_warps=8, num_stages=2),
         "backward_reduce": KernelConfig(64, 64, 32, num_warps=4, num_stages=2),
     },
+    # fp32 activations with 16-bit dot operands (the fp32 residual stream under bf16/fp16
+    # autocast): the 16-bit tiles, with the fp32 loads rounded in registers.
+    "32bit_in_16bit_dot": {
+        "forward": KernelConfig(64, 128, 64, num_warps=8, num_stages=3),
+        "backward_rows": KernelConfig(64, 128, 64, num_warps=8, num_stages=2),
+        "backward_reduce": KernelConfig(128, 128, 64, num_warps=8, num_stages=3),
+    },
 }
 
 # Interpreter configurations: small tiles, so that the small shapes of the tests (c 16-64,
@@ -360,11 +425,26 @@ def use_interpreter(device: torch.device) -> bool:
     return device.type != "cuda" or os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def pick_configs(dtype: torch.dtype, interpreted: bool) -> dict[str, KernelConfig]:
+def config_key(io_dtype: torch.dtype, dot_dtype: torch.dtype) -> str:
+    """Which entry of :data:`GPU_CONFIGS` a launch takes, from the activations' dtype and
+    the dtype of the dot operands.
+
+    Example:
+        >>> config_key(torch.float32, torch.bfloat16)  # fp32 residual under bf16 autocast
+        '32bit_in_16bit_dot'
+        >>> config_key(torch.bfloat16, torch.bfloat16), config_key(torch.float32, torch.float32)
+        ('16bit', '32bit')
+    """
+    if dot_dtype == torch.float32:
+        return "32bit"
+    return "32bit_in_16bit_dot" if io_dtype == torch.float32 else "16bit"
+
+
+def pick_configs(io_dtype: torch.dtype, dot_dtype: torch.dtype, interpreted: bool) -> dict[str, KernelConfig]:
     """The configurations used for a launch (tests monkeypatch this to run the GPU ones)."""
     if interpreted:
         return INTERPRETER_CONFIGS
-    return GPU_CONFIGS["32bit" if dtype == torch.float32 else "16bit"]
+    return GPU_CONFIGS[config_key(io_dtype, dot_dtype)]
 
 
 def padded_tokens(n_tokens: int) -> int:
@@ -373,14 +453,33 @@ def padded_tokens(n_tokens: int) -> int:
 
 
 def dot_precision(dtype: torch.dtype) -> str:
-    """fp32 inputs follow torch's matmul setting (IEEE fp32 unless TF32 is allowed)."""
+    """fp32 dots follow torch's matmul setting (IEEE fp32 unless TF32 is allowed)."""
     if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
         return "tf32"
     return "ieee"
 
 
+_TL_DTYPE = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+
+
+def _dot_options(dot_dtype: torch.dtype, interpreted: bool) -> dict[str, object]:
+    return {
+        "UPCAST_DOT": interpreted and dot_dtype == torch.bfloat16,
+        "DOT_PRECISION": dot_precision(dot_dtype),
+        "DOT_DTYPE": _TL_DTYPE[dot_dtype],
+    }
+
+
 def _kernel(name: str, interpreted: bool):
     return (_INTERPRETED if interpreted else _COMPILED)[name]
+
+
+def _row_strides(rows: Tensor) -> tuple[int, int]:
+    """(image, row) strides of a (B, n, c) view whose channels are contiguous."""
+    if rows.dim() != 3 or (rows.shape[-1] > 1 and rows.stride(-1) != 1):
+        raise ValueError(f"expected a (B, n, c) view with unit channel stride, got shape {tuple(rows.shape)} "
+                         f"and strides {rows.stride()}")
+    return rows.stride(0), rows.stride(1)
 
 
 def launch_forward(
@@ -390,19 +489,24 @@ def launch_forward(
     delta_weight: Tensor,
     delta_bias: Tensor | None,
     scale: Tensor,
+    out: Tensor,
+    dot_dtype: torch.dtype | None = None,
 ) -> Tensor:
-    """``f + s * (P U + f W_f^T + b_f)`` for 2-D contiguous operands in one dtype.
+    """Writes ``f + s * (P U + f W_f^T + b_f)`` into ``out``; returns ``out``.
 
-    ``token_update`` is ``U`` padded to (M_PAD, c) with row 0 and the padding zero.
+    ``feats`` and ``out`` are (B, n, c) views with unit channel stride and any image and
+    row strides (e.g. ``hidden[:, prefix:]`` and the matching slice of a preallocated
+    output). ``tokens``, ``token_update`` (``U`` padded to (M_PAD, c), row 0 and the padding
+    zero) and ``delta_weight`` are contiguous, in ``dot_dtype`` (default: ``feats``' dtype).
     """
-    n_rows, channels = feats.shape
+    images, n, channels = feats.shape
+    dot_dtype = dot_dtype or feats.dtype
     n_tokens = tokens.shape[0]
-    out = torch.empty_like(feats)
-    if n_rows == 0:
+    if images * n == 0:
         return out
     interpreted = use_interpreter(feats.device)
-    config = pick_configs(feats.dtype, interpreted)["forward"]
-    grid = (triton.cdiv(n_rows, config.block_rows),)
+    config = pick_configs(feats.dtype, dot_dtype, interpreted)["forward"]
+    grid = (triton.cdiv(images * n, config.block_rows),)
     _kernel("forward", interpreted)[grid](
         feats,
         tokens,
@@ -411,7 +515,10 @@ def launch_forward(
         delta_bias if delta_bias is not None else delta_weight,
         scale,
         out,
-        n_rows,
+        images * n,
+        n,
+        *_row_strides(feats),
+        *_row_strides(out),
         channels,
         n_tokens,
         channels**-0.5,
@@ -420,8 +527,7 @@ def launch_forward(
         BLOCK_N=config.block_rows,
         BLOCK_C=config.block_cols,
         BLOCK_K=config.block_k,
-        UPCAST_DOT=interpreted and feats.dtype == torch.bfloat16,
-        DOT_PRECISION=dot_precision(feats.dtype),
+        **_dot_options(dot_dtype, interpreted),
         num_warps=config.num_warps,
         num_stages=config.num_stages,
     )
@@ -429,18 +535,29 @@ def launch_forward(
 
 
 def launch_backward_rows(
-    feats: Tensor, grad_out: Tensor, tokens: Tensor, token_update: Tensor, delta_weight: Tensor, scale: Tensor
-) -> tuple[Tensor, Tensor]:
-    """``grad_f`` and the (N x 2 M_PAD) side tensor ``[dZ/s | P with a ones sink column]``."""
-    n_rows, channels = feats.shape
+    feats: Tensor,
+    grad_out: Tensor,
+    tokens: Tensor,
+    token_update: Tensor,
+    delta_weight: Tensor,
+    scale: Tensor,
+    grad_feats: Tensor,
+    dot_dtype: torch.dtype | None = None,
+) -> Tensor:
+    """Writes ``grad_f`` into ``grad_feats`` and returns the (N x 2 M_PAD) side tensor
+    ``[dZ/s | P with a ones sink column]`` (contiguous, in ``feats``' dtype).
+
+    ``feats``, ``grad_out`` and ``grad_feats`` are (B, n, c) views with unit channel stride.
+    """
+    images, n, channels = feats.shape
+    dot_dtype = dot_dtype or feats.dtype
     m_pad = token_update.shape[0]
-    grad_feats = torch.empty_like(feats)
-    side = torch.empty((n_rows, 2 * m_pad), device=feats.device, dtype=feats.dtype)
-    if n_rows == 0:
-        return grad_feats, side
+    side = torch.empty((images * n, 2 * m_pad), device=feats.device, dtype=feats.dtype)
+    if images * n == 0:
+        return side
     interpreted = use_interpreter(feats.device)
-    config = pick_configs(feats.dtype, interpreted)["backward_rows"]
-    grid = (triton.cdiv(n_rows, config.block_rows),)
+    config = pick_configs(feats.dtype, dot_dtype, interpreted)["backward_rows"]
+    grid = (triton.cdiv(images * n, config.block_rows),)
     _kernel("backward_rows", interpreted)[grid](
         feats,
         grad_out,
@@ -450,7 +567,11 @@ def launch_backward_rows(
         scale,
         grad_feats,
         side,
-        n_rows,
+        images * n,
+        n,
+        *_row_strides(feats),
+        *_row_strides(grad_out),
+        *_row_strides(grad_feats),
         channels,
         tokens.shape[0],
         channels**-0.5,
@@ -458,12 +579,11 @@ def launch_backward_rows(
         BLOCK_N=config.block_rows,
         BLOCK_C=config.block_cols,
         BLOCK_K=config.block_k,
-        UPCAST_DOT=interpreted and feats.dtype == torch.bfloat16,
-        DOT_PRECISION=dot_precision(feats.dtype),
+        **_dot_options(dot_dtype, interpreted),
         num_warps=config.num_warps,
         num_stages=config.num_stages,
     )
-    return grad_feats, side
+    return side
 
 
 def reduction_split(n_rows: int, tiles: int, block_r: int, interpreted: bool) -> int:
@@ -485,13 +605,18 @@ def reduction_split(n_rows: int, tiles: int, block_r: int, interpreted: bool) ->
 
 
 def launch_backward_reduce(
-    feats: Tensor, grad_out: Tensor, side: Tensor
+    feats: Tensor, grad_out: Tensor, side: Tensor, dot_dtype: torch.dtype | None = None
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """fp32 ``g^T f`` (c x c), ``(dZ/s)^T f`` (M_PAD x c) and ``P_aug^T g`` (M_PAD x c)."""
-    n_rows, channels = feats.shape
+    """fp32 ``g^T f`` (c x c), ``(dZ/s)^T f`` (M_PAD x c) and ``P_aug^T g`` (M_PAD x c).
+
+    ``feats`` and ``grad_out`` are (B, n, c) views with unit channel stride.
+    """
+    images, n, channels = feats.shape
+    n_rows = images * n
+    dot_dtype = dot_dtype or feats.dtype
     m_pad = side.shape[1] // 2
     interpreted = use_interpreter(feats.device)
-    config = pick_configs(feats.dtype, interpreted)["backward_reduce"]
+    config = pick_configs(feats.dtype, dot_dtype, interpreted)["backward_reduce"]
     block_i = config.block_rows
     channel_blocks = triton.cdiv(channels, block_i)
     token_blocks = triton.cdiv(m_pad, block_i)
@@ -511,6 +636,9 @@ def launch_backward_reduce(
             side,
             partial,
             n_rows,
+            n,
+            *_row_strides(feats),
+            *_row_strides(grad_out),
             channels,
             rows_per_split,
             out_rows,
@@ -518,8 +646,7 @@ def launch_backward_reduce(
             BLOCK_I=block_i,
             BLOCK_J=config.block_cols,
             BLOCK_R=config.block_k,
-            UPCAST_DOT=interpreted and feats.dtype == torch.bfloat16,
-            DOT_PRECISION=dot_precision(feats.dtype),
+            **_dot_options(dot_dtype, interpreted),
             num_warps=config.num_warps,
             num_stages=config.num_stages,
         )

@@ -46,11 +46,33 @@ def rein_update_reference(
         >>> torch.equal(out, f)
         True
     """
+    delta = rein_delta_reference(
+        feats, tokens, token_to_feature_weight, token_to_feature_bias, delta_weight, delta_bias
+    )
+    return feats + scale * delta
+
+
+def rein_delta_reference(
+    feats: Tensor,
+    tokens: Tensor,
+    token_to_feature_weight: Tensor,
+    token_to_feature_bias: Tensor | None,
+    delta_weight: Tensor,
+    delta_bias: Tensor | None,
+) -> Tensor:
+    """The unscaled update ``df = (S[:, 1:] V + f) W_f^T + b_f`` of :func:`rein_update_reference`.
+
+    Example:
+        >>> import torch
+        >>> f, t, w = torch.randn(2, 5, 8), torch.randn(3, 8), torch.eye(8)
+        >>> torch.allclose(rein_delta_reference(f, t, w, None, w, None),
+        ...                rein_update_reference(f, t, w, None, w, None, torch.tensor(1.0)) - f, atol=1e-6)
+        True
+    """
     channels = feats.shape[-1]
     if tokens.ndim == 3 and feats.ndim > 3:  # per-image tokens with extra leading dims
         tokens = tokens.reshape(tokens.shape[0], *([1] * (feats.ndim - 3)), *tokens.shape[1:])
     similarity = torch.softmax(feats @ tokens.transpose(-1, -2) * channels**-0.5, dim=-1)
     values = F.linear(tokens[..., 1:, :], token_to_feature_weight, token_to_feature_bias)
     attended = similarity[..., 1:] @ values
-    delta = F.linear(attended + feats, delta_weight, delta_bias)
-    return feats + scale * delta
+    return F.linear(attended + feats, delta_weight, delta_bias)

@@ -97,8 +97,53 @@ def _token_update(
     return values, padded
 
 
-def _flatten(feats: Tensor) -> Tensor:
-    return feats.reshape(-1, feats.shape[-1]).contiguous()
+def autocast_compute_dtype(feats: Tensor) -> torch.dtype:
+    """The dtype the dot products run in: the autocast dtype for fp32 activations inside an
+    autocast region of their device type, else the activations' own dtype.
+
+    Example:
+        >>> import torch
+        >>> autocast_compute_dtype(torch.zeros(2, 16))
+        torch.float32
+        >>> with torch.autocast("cpu", dtype=torch.bfloat16):
+        ...     autocast_compute_dtype(torch.zeros(2, 16))
+        torch.bfloat16
+    """
+    device_type = feats.device.type
+    if feats.dtype == torch.float32 and torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        if dtype in (torch.float16, torch.bfloat16):
+            return dtype
+    return feats.dtype
+
+
+def _dot_dtype(feats: Tensor, compute_dtype: torch.dtype | None) -> torch.dtype:
+    """Only fp32 activations are computed in a narrower dtype; 16-bit ones compute in their own."""
+    if compute_dtype is None or feats.dtype != torch.float32:
+        return feats.dtype
+    if compute_dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"compute_dtype must be float32, float16 or bfloat16, got {compute_dtype}")
+    return compute_dtype
+
+
+def _as_images(x: Tensor) -> Tensor:
+    """A (B, n, c) view of (..., n, c) activations with unit channel stride (a copy only
+    when no such view exists)."""
+    if x.dim() == 2:
+        x = x.unsqueeze(0)
+    elif x.dim() > 3:
+        x = x.reshape(-1, *x.shape[-2:])
+    if x.shape[-1] > 1 and x.stride(-1) != 1:
+        x = x.contiguous()
+    return x
+
+
+def _check_prefix(feats: Tensor, num_prefix_tokens: int) -> None:
+    if feats.dim() >= 2 and not 0 <= num_prefix_tokens <= feats.shape[-2]:
+        raise ValueError(
+            f"num_prefix_tokens must be in [0, {feats.shape[-2]}] for feats of shape {tuple(feats.shape)}, "
+            f"got {num_prefix_tokens}"
+        )
 
 
 @torch.library.custom_op("vfm_adapters::rein_update", mutates_args=())
@@ -110,23 +155,33 @@ def rein_update_op(
     delta_weight: Tensor,
     delta_bias: Tensor | None,
     scale: Tensor,
+    num_prefix_tokens: int = 0,
+    compute_dtype: torch.dtype | None = None,
 ) -> Tensor:
     """Forward of the fused Rein layer (see the module docstring)."""
     validate_rein_inputs(
         feats, tokens, token_to_feature_weight, token_to_feature_bias, delta_weight, delta_bias, scale
     )
-    dtype = feats.dtype
+    _check_prefix(feats, num_prefix_tokens)
+    dot_dtype = _dot_dtype(feats, compute_dtype)
+    prefix = num_prefix_tokens
     # The op may be called inside an autocast region: keep the small fp32 products fp32.
     with torch.autocast(device_type=feats.device.type, enabled=False):
         m_pad = padded_tokens(tokens.shape[0])
         _, token_update = _token_update(tokens, token_to_feature_weight, token_to_feature_bias, delta_weight, m_pad)
-        out = launch_forward(
-            _flatten(feats),
-            tokens.to(dtype).contiguous(),
-            token_update.to(dtype),
-            delta_weight.to(dtype).contiguous(),
+        hidden = _as_images(feats)
+        out = torch.empty(hidden.shape, device=feats.device, dtype=feats.dtype)
+        if prefix:
+            out[:, :prefix].copy_(hidden[:, :prefix])  # prefix tokens pass through
+        launch_forward(
+            hidden[:, prefix:],
+            tokens.to(dot_dtype).contiguous(),
+            token_update.to(dot_dtype),
+            delta_weight.to(dot_dtype).contiguous(),
             None if delta_bias is None else delta_bias.contiguous(),
             scale.reshape(1).float(),
+            out[:, prefix:],
+            dot_dtype,
         )
     return out.view(feats.shape)
 
@@ -140,10 +195,13 @@ def _rein_update_fake(
     delta_weight: Tensor,
     delta_bias: Tensor | None,
     scale: Tensor,
+    num_prefix_tokens: int = 0,
+    compute_dtype: torch.dtype | None = None,
 ) -> Tensor:
     validate_rein_inputs(
         feats, tokens, token_to_feature_weight, token_to_feature_bias, delta_weight, delta_bias, scale
     )
+    _check_prefix(feats, num_prefix_tokens)
     return torch.empty_like(feats, memory_format=torch.contiguous_format)
 
 
@@ -157,13 +215,16 @@ def rein_update_backward_op(
     delta_weight: Tensor,
     delta_bias: Tensor | None,
     scale: Tensor,
+    num_prefix_tokens: int,
+    compute_dtype: torch.dtype | None,
     need_parameter_grads: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients for (feats, tokens, W_t, b_t, W_f, b_f, scale), each in its input's dtype.
 
     Bias gradients are returned (as sums over rows) even for a ``None`` bias; the autograd
     formula drops them. With ``need_parameter_grads=False`` only the feats gradient is
-    computed (the others are zeros) and the reduction kernel is skipped.
+    computed (the others are zeros) and the reduction kernel is skipped. The feats gradient
+    of the prefix tokens is the upstream gradient (they pass through unchanged).
 
     Derivation, with g = dL/dout, X = D + f, P = S[:, 1:], A = P^T g, K = g^T X:
         grad_f = g + s g W_f + dZ T / sqrt(c),  dZ = S * (dS - rowsum(S * dS)), dS[:, 1:] = s g U^T
@@ -171,17 +232,24 @@ def rein_update_backward_op(
         dV = s A W_f,  dW_t = dV^T T[1:],  db_t = colsum(dV),  dT = dZ^T f / sqrt(c) + [0; dV W_t]
     """
     dtype = feats.dtype
+    dot_dtype = _dot_dtype(feats, compute_dtype)
     channels = feats.shape[-1]
     n_tokens = tokens.shape[0]
+    prefix = num_prefix_tokens
     with torch.autocast(device_type=feats.device.type, enabled=False):
         m_pad = padded_tokens(n_tokens)
         values, token_update = _token_update(tokens, token_to_feature_weight, token_to_feature_bias, delta_weight, m_pad)
-        feats_2d = _flatten(feats)
-        grad_2d = _flatten(grad_out.to(dtype))
-        tokens_c = tokens.to(dtype).contiguous()
+        hidden = _as_images(feats)
+        grad_hidden = _as_images(grad_out.to(dtype))
+        grad_feats = torch.empty(hidden.shape, device=feats.device, dtype=dtype)
+        if prefix:
+            grad_feats[:, :prefix].copy_(grad_hidden[:, :prefix])
+        patches, grad_patches = hidden[:, prefix:], grad_hidden[:, prefix:]
+        tokens_c = tokens.to(dot_dtype).contiguous()
         scale_f32 = scale.reshape(1).float()
-        grad_feats, side = launch_backward_rows(
-            feats_2d, grad_2d, tokens_c, token_update.to(dtype), delta_weight.to(dtype).contiguous(), scale_f32
+        side = launch_backward_rows(
+            patches, grad_patches, tokens_c, token_update.to(dot_dtype), delta_weight.to(dot_dtype).contiguous(),
+            scale_f32, grad_feats[:, prefix:], dot_dtype,
         )
         grad_feats = grad_feats.view(feats.shape)
         if not need_parameter_grads:
@@ -190,7 +258,9 @@ def rein_update_backward_op(
                           for b, w in ((token_to_feature_bias, token_to_feature_weight), (delta_bias, delta_weight))]
             return grad_feats, zeros[0], zeros[1], bias_zeros[0], zeros[2], bias_zeros[1], zeros[3]
 
-        grad_feature_product, dscores_features, probs_grad = launch_backward_reduce(feats_2d, grad_2d, side)
+        grad_feature_product, dscores_features, probs_grad = launch_backward_reduce(
+            patches, grad_patches, side, dot_dtype
+        )
         s = scale_f32[0]
         grad_colsum = probs_grad[0]  # from the ones in the sink column
         attended_grad = probs_grad[1:n_tokens]  # A = P^T g, ((m-1) x c)
@@ -233,6 +303,8 @@ def _rein_update_backward_fake(
     delta_weight: Tensor,
     delta_bias: Tensor | None,
     scale: Tensor,
+    num_prefix_tokens: int,
+    compute_dtype: torch.dtype | None,
     need_parameter_grads: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     channels = feats.shape[-1]
@@ -250,7 +322,8 @@ def _rein_update_backward_fake(
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    feats, tokens, tt_weight, tt_bias, delta_weight, delta_bias, scale = inputs
+    feats, tokens, tt_weight, tt_bias, delta_weight, delta_bias, scale, num_prefix_tokens, compute_dtype = inputs
+    ctx.num_prefix_tokens, ctx.compute_dtype = num_prefix_tokens, compute_dtype
     ctx.has_tt_bias = tt_bias is not None
     ctx.has_delta_bias = delta_bias is not None
     ctx.save_for_backward(feats, tokens, tt_weight, tt_bias, delta_weight, delta_bias, scale)
@@ -260,14 +333,15 @@ def _backward(ctx, grad_out: Tensor):
     feats, tokens, tt_weight, tt_bias, delta_weight, delta_bias, scale = ctx.saved_tensors
     needs = ctx.needs_input_grad
     grads = torch.ops.vfm_adapters.rein_update_backward(
-        grad_out, feats, tokens, tt_weight, tt_bias, delta_weight, delta_bias, scale, any(needs[1:])
+        grad_out, feats, tokens, tt_weight, tt_bias, delta_weight, delta_bias, scale,
+        ctx.num_prefix_tokens, ctx.compute_dtype, any(needs[1:7])
     )
     grads = list(grads)
     if not ctx.has_tt_bias:
         grads[3] = None
     if not ctx.has_delta_bias:
         grads[5] = None
-    return tuple(grad if need else None for grad, need in zip(grads, needs))
+    return (*(grad if need else None for grad, need in zip(grads, needs)), None, None)
 
 
 rein_update_op.register_autograd(_backward, setup_context=_setup_context)
@@ -281,6 +355,8 @@ def rein_update_triton(
     delta_weight: Tensor,
     delta_bias: Tensor | None,
     scale: Tensor,
+    num_prefix_tokens: int = 0,
+    compute_dtype: torch.dtype | None = None,
 ) -> Tensor:
     """One Rein layer ``f + s * df`` with the fused Triton kernels, differentiable.
 
@@ -291,6 +367,16 @@ def rein_update_triton(
     1 <= m <= 128. CUDA tensors run compiled kernels; CPU tensors run Triton's interpreter
     (slow, for tests).
 
+    ``num_prefix_tokens`` rows at the start of dim -2 (CLS, registers) pass through
+    unchanged: the kernels read the patch rows of ``feats`` where they lie (any image and
+    row stride) and write them into the output next to the copied prefix, so a caller
+    passes the whole hidden state, not a contiguous copy of ``hidden[:, prefix:]``.
+
+    ``compute_dtype`` is the dtype of the dot products for fp32 ``feats``; ``None`` takes
+    the autocast dtype inside an autocast region of ``feats``' device type (bf16 or fp16:
+    operands rounded in registers, fp32 accumulation, the residual add and the output in
+    fp32) and fp32 outside one. 16-bit ``feats`` always compute in their own dtype.
+
     Example:
         >>> import torch
         >>> f, t, w = torch.randn(2, 5, 16), torch.randn(3, 16), torch.randn(16, 16) / 4
@@ -299,9 +385,12 @@ def rein_update_triton(
         >>> torch.allclose(out, rein_update_reference(f, t, w, None, w, None, torch.tensor(0.5)), atol=1e-5)
         True
     """
+    if compute_dtype is None:
+        compute_dtype = autocast_compute_dtype(feats)
     return torch.ops.vfm_adapters.rein_update(
-        feats, tokens, token_to_feature_weight, token_to_feature_bias, delta_weight, delta_bias, scale
+        feats, tokens, token_to_feature_weight, token_to_feature_bias, delta_weight, delta_bias, scale,
+        num_prefix_tokens, compute_dtype,
     )
 
 
-__all__ = ["rein_update_triton", "validate_rein_inputs", "SUPPORTED_DTYPES"]
+__all__ = ["autocast_compute_dtype", "rein_update_triton", "validate_rein_inputs", "SUPPORTED_DTYPES"]

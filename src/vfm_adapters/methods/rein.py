@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from ..hosts import HostSpec
-from ..kernels import check_kernel, rein_update
+from ..kernels import check_kernel, rein_update, resolve_kernel, unsupported_reason
 from .base import AdapterError, AdapterMethod, Attachment, MethodConfig, register_method
 
 
@@ -40,7 +40,8 @@ class ReinConfig(MethodConfig):
         scale_init: Initial value of the learnable scale ``s`` (1e-3; 0.01 hurts).
         zero_init_delta: The variant that zero-initialises ``W_f, b_f`` and fixes ``s = 1``.
         patch_size: Patch size in the init bound; ``None`` takes the host's.
-        kernel: ``"auto"`` (Triton on CUDA, else PyTorch), ``"torch"`` or ``"triton"``.
+        kernel: ``"auto"`` (Triton only where a recorded GPU measurement shows it faster;
+            none yet, so PyTorch), ``"torch"`` or ``"triton"`` (opt-in).
     """
 
     token_length: int = 100
@@ -176,21 +177,39 @@ class Rein(nn.Module):
             return self.tokens[layer]
         return self.tokens_a[layer] @ self.tokens_b[layer]
 
-    def refine(self, patches: Tensor, layer: int) -> Tensor:
-        """Applies layer ``layer``'s update to patch tokens (..., n, c) without prefix tokens."""
-        dtype = patches.dtype
+    def kernel_for(self, features: Tensor) -> str:
+        """The implementation ``config.kernel`` resolves to for features like these.
+
+        Decided once per (kernel option, device, dtype) and cached: ``"auto"``'s capability check does not
+        run on every call of every block. Resolved at injection for the host's parameters.
+        """
+        cache = self.__dict__.setdefault("_kernel_cache", {})
+        key = (self.config.kernel, features.device, features.dtype)
+        if key not in cache:
+            probe = features.new_empty((1, self.embed_dim))
+            tokens = probe.new_empty((self.config.token_length, self.embed_dim))
+            cache[key] = resolve_kernel(self.config.kernel, probe, tokens)
+        return cache[key]
+
+    def refine(self, patches: Tensor, layer: int, num_prefix_tokens: int = 0) -> Tensor:
+        """Applies layer ``layer``'s update to tokens (..., n, c); the first
+        ``num_prefix_tokens`` of them (CLS, registers) pass through unchanged.
+
+        The parameters go to the op as they are (fp32 master weights); the op owns the
+        casts (see :mod:`vfm_adapters.kernels`)."""
         tokens = self.layer_tokens(layer)
         if self._token_shift is not None:
             tokens = tokens + self._token_shift(layer)
         return rein_update(
             patches,
-            tokens.to(dtype),
-            self.token_to_feature.weight.to(dtype),
-            self.token_to_feature.bias.to(dtype),
-            self.delta_feature.weight.to(dtype),
-            self.delta_feature.bias.to(dtype),
-            self.scale.to(dtype),
-            kernel=self.config.kernel,
+            tokens,
+            self.token_to_feature.weight,
+            self.token_to_feature.bias,
+            self.delta_feature.weight,
+            self.delta_feature.bias,
+            self.scale,
+            kernel=self.kernel_for(patches),
+            num_prefix_tokens=num_prefix_tokens,
         )
 
     def forward(self, hidden: Tensor, layer: int, num_prefix_tokens: int = 0) -> Tensor:
@@ -208,10 +227,9 @@ class Rein(nn.Module):
             return self.refine(hidden.reshape(batch, height * width, channels), layer).reshape(hidden.shape)
         if hidden.ndim != 3:
             raise RuntimeError(f"Rein expected (B, N, C) or (B, H, W, C) features, got shape {tuple(hidden.shape)}")
-        if num_prefix_tokens == 0:
-            return self.refine(hidden, layer)
-        prefix, patches = hidden[:, :num_prefix_tokens], hidden[:, num_prefix_tokens:]
-        return torch.cat([prefix, self.refine(patches, layer)], dim=1)
+        # The prefix goes to the op with the patches: the Triton kernels read the patch
+        # rows in place and write one output (no contiguous copy, no torch.cat).
+        return self.refine(hidden, layer, num_prefix_tokens)
 
     def queries(self) -> Tensor:
         """Object queries (m, query_dim) for a Mask2Former head, linked to the tokens.
@@ -266,13 +284,11 @@ class ReinMethod(AdapterMethod):
             return check_stages(host, config)
         config.block_indices(host)
         if config.kernel == "triton":
-            from ..kernels.triton_rein import CHANNEL_MULTIPLE, MAX_TOKENS
-
-            if host.embed_dim % CHANNEL_MULTIPLE or config.token_length > MAX_TOKENS:
+            why = unsupported_reason(host.embed_dim, config.token_length)
+            if why is not None:
                 raise AdapterError(
-                    f"kernel='triton' needs a width that is a multiple of {CHANNEL_MULTIPLE} and at most "
-                    f"{MAX_TOKENS} tokens; this host has width {host.embed_dim} and token_length={config.token_length}. "
-                    "Use kernel='auto' (falls back to PyTorch) or kernel='torch'"
+                    f"kernel='triton' cannot take this host: {why} (width {host.embed_dim}, "
+                    f"token_length={config.token_length}). Use kernel='auto' (falls back to PyTorch) or kernel='torch'"
                 )
 
     def attach(self, model: nn.Module, host: HostSpec, config: ReinConfig, attachment: Attachment) -> None:
@@ -290,6 +306,7 @@ class ReinMethod(AdapterMethod):
             device=reference.device,
         )
         attachment.module = rein
+        rein.kernel_for(reference)  # "auto" resolved once, at injection (again only for a new device/dtype)
         attachment.extra["blocks"] = indices
         prefix = 0 if host.layout == "BHWC" else host.num_prefix_tokens
         blocks = host.blocks(model)
