@@ -29,7 +29,7 @@ the 1-minute load average before and after the steps are recorded too.
 
 Run (this machine: 2-core CPU, no GPU; a few minutes)::
 
-    .venv/bin/python benchmarks/memory.py --device cpu --image-size 224 --batch 2
+    python benchmarks/memory.py --device cpu --image-size 224 --batch 2
 
 Writes ``benchmarks/results/memory_<device>.json`` and ``memory_<device>.png`` and prints
 a table.
