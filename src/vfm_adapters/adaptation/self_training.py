@@ -333,6 +333,23 @@ def teacher_labels(model: FeatureSegmentor, teacher: DecodeHead, images: Tensor)
     return teacher.logits(teacher(features), images.shape[-2:]).argmax(dim=1)
 
 
+def _optimise(loss: Tensor, model: nn.Module, teacher: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
+              grad_clip: float | None, step: int, config: "SelfTrainingConfig") -> bool:
+    """One optimiser (and scheduler) step on ``loss``; every ``ema_interval`` steps the
+    decoder's EMA teacher follows. Returns whether the teacher was updated."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip:
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], grad_clip)
+    optimizer.step()
+    if scheduler is not None:
+        scheduler.step()
+    updated = (step + 1) % config.ema_interval == 0
+    if updated:
+        ema_update(teacher, model.decoder, config.ema_alpha)
+    return updated
+
+
 def self_training_step(
     model: FeatureSegmentor,
     teacher: DecodeHead,
@@ -394,16 +411,7 @@ def self_training_step(
         loss_source = model.decoder.loss(model.decoder(model.encode(source_images)), source_labels)
         loss = loss + config.source_weight * loss_source
 
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    if grad_clip:
-        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], grad_clip)
-    optimizer.step()
-    if scheduler is not None:
-        scheduler.step()
-    updated = (step + 1) % config.ema_interval == 0
-    if updated:
-        ema_update(teacher, model.decoder, config.ema_alpha)
+    updated = _optimise(loss, model, teacher, optimizer, scheduler, grad_clip, step, config)
     return {"loss": float(loss.detach()), "loss_source": float(loss_source.detach()),
             "loss_unlabelled": float(loss_unlabelled.detach()), "teacher_updated": updated,
             "pseudo_labels": pseudo.detach(), "augmented_images": augmented.detach()}
@@ -491,16 +499,7 @@ def self_training_mixed_step(
 
     train_mode(model)  # frozen batch norms (a frozen CNN host) keep their statistics
     loss = model.decoder.loss(model.decoder(model.encode(student_images)), targets)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    if grad_clip:
-        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], grad_clip)
-    optimizer.step()
-    if scheduler is not None:
-        scheduler.step()
-    updated = (step + 1) % config.ema_interval == 0
-    if updated:
-        ema_update(teacher, model.decoder, config.ema_alpha)
+    updated = _optimise(loss, model, teacher, optimizer, scheduler, grad_clip, step, config)
     return {"loss": float(loss.detach()), "generated": int(generated.sum()), "teacher_updated": updated,
             "pseudo_labels": None if pseudo is None else pseudo.detach(), "student_images": student_images,
             "targets": targets}
