@@ -47,7 +47,7 @@ import os
 import random
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import numpy as np
 import torch
@@ -55,6 +55,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Sampler
 
 from .._io import write_atomically
+from ..seg import config as seg_config
 from ..seg import training as seg_training
 from ..seg.datasets import build_dataset
 from ..seg.heads import HEADS, Segmentor
@@ -109,50 +110,64 @@ DEFAULTS: dict[str, Any] = {
 }
 
 
-def load_adaptation_config(source: str | os.PathLike | Mapping[str, Any]) -> dict[str, Any]:
-    """Reads a YAML/JSON adaptation config (or a dict), fills defaults, refuses unknown keys.
+#: Types of the adaptation keys whose default is ``null``.
+NULLABLE_TYPES: dict[str, type] = {
+    **seg_config.NULLABLE_TYPES, "model.decoder_checkpoint": str, "sam.enabled": bool, "sam.model": str,
+}
+#: ``data.rare_class_sampling`` keys and their defaults (the section itself may be ``null``).
+RARE_CLASS_SAMPLING = {"temperature": 0.01, "min_pixels": 3000, "min_crop_ratio": 0.5, "cache": None}
+
+
+def _rare_class_sampling(path: str, value: Any) -> dict[str, Any] | None:
+    if value is None:
+        return None
+    merged = seg_config.merge_config(RARE_CLASS_SAMPLING, value, prefix=f"{path}.",
+                                     types={f"{path}.cache": str})
+    return {k: v for k, v in merged.items() if k in value}
+
+
+_TRAIN_SETS = seg_config.dataset_check({"unlabelled": ("root", "recursive")})
+CHECKS: dict[str, seg_config.Check] = {
+    "model.methods": seg_config.check_methods, "model.method_options": seg_config.check_method_options,
+    "data.source": _TRAIN_SETS, "data.target": _TRAIN_SETS, "data.unlabelled": _TRAIN_SETS,
+    "data.val": seg_config.dataset_check(), "data.rare_class_sampling": _rare_class_sampling,
+    "dacs": lambda path, value: seg_config.dataclass_options(path, DACSConfig, value),
+    "self_training": lambda path, value: seg_config.dataclass_options(path, SelfTrainingConfig, value),
+}
+
+
+def load_adaptation_config(source: str | os.PathLike | Mapping[str, Any] | None = None,
+                           overrides: Iterable[str | tuple[str, Any]] | Mapping[str, Any] = ()) -> dict[str, Any]:
+    """Reads a YAML/JSON adaptation config (or a dict), applies ``key=value`` overrides, fills defaults.
+
+    The same loader as :func:`vfm_adapters.seg.config.load_config` with this module's
+    :data:`DEFAULTS`: unknown keys at any depth (``dacs``/``self_training`` options,
+    method options, dataset entries) and wrong types raise
+    :class:`~vfm_adapters.seg.config.ConfigError` naming the key path.
 
     Example:
-        >>> cfg = load_adaptation_config({"recipe": "dacs", "dacs": {"ema_alpha": 0.999}})
-        >>> cfg["dacs"]["ema_alpha"], cfg["model"]["kind"], cfg["optim"]["poly_power"]
-        (0.999, 'vit', 1.0)
+        >>> cfg = load_adaptation_config({"recipe": "dacs", "dacs": {"ema_alpha": 0.999}}, ["optim.lr=1e-4"])
+        >>> cfg["dacs"]["ema_alpha"], cfg["model"]["kind"], cfg["optim"]["poly_power"], cfg["optim"]["lr"]
+        (0.999, 'vit', 1.0, 0.0001)
     """
-    if isinstance(source, Mapping):
-        raw = copy.deepcopy(dict(source))
-    else:
-        path = Path(source)
-        text = path.read_text()
-        if path.suffix.lower() == ".json":
-            raw = json.loads(text)
-        else:
-            import yaml
-
-            raw = yaml.safe_load(text) or {}
-    config = copy.deepcopy(DEFAULTS)
-    for section, values in raw.items():
-        if section not in config:
-            raise seg_training.ConfigError(f"unknown config section {section!r}; sections: {sorted(config)}")
-        if section == "recipe":
-            config["recipe"] = values
-            continue
-        if not isinstance(values, Mapping):
-            raise seg_training.ConfigError(f"config section {section!r} must be a mapping")
-        if section in ("dacs", "self_training"):
-            config[section].update(values)
-            continue
-        unknown = sorted(set(values) - set(config[section]))
-        if unknown:
-            raise seg_training.ConfigError(
-                f"unknown key(s) {unknown} in section {section!r}; accepted: {sorted(config[section])}")
-        config[section].update(copy.deepcopy(dict(values)))
+    raw = seg_config.apply_overrides(seg_config.read_source(source), overrides)
+    config = seg_config.merge_config(DEFAULTS, raw, CHECKS, NULLABLE_TYPES)
     if config["recipe"] not in RECIPES:
-        raise seg_training.ConfigError(f"recipe must be one of {RECIPES}, got {config['recipe']!r}")
+        raise seg_config.unknown_key_error("recipe", config["recipe"], RECIPES, f"unknown recipe {config['recipe']!r}")
     if config["optim"]["schedule"] not in ("poly", "constant"):
         raise seg_training.ConfigError(f"optim.schedule must be 'poly' or 'constant', got {config['optim']['schedule']!r}")
     if config["model"]["kind"] not in ("vit", "features"):
         raise seg_training.ConfigError(f"model.kind must be 'vit' or 'features', got {config['model']['kind']!r}")
-    DACSConfig.from_dict(config["dacs"])  # validate early
-    SelfTrainingConfig.from_dict(config["self_training"])
+    for key in ("iterations", "batch_size"):
+        if not isinstance(config["train"][key], int) or config["train"][key] < 1:
+            raise seg_training.ConfigError(f"train.{key} must be a positive integer, got {config['train'][key]!r}")
+    seg_config.validate_optim(config["optim"], config["train"])
+    seg_config.validate_eval(config["eval"])
+    for section, config_class in (("dacs", DACSConfig), ("self_training", SelfTrainingConfig)):
+        try:
+            config_class.from_dict(config[section])  # the dataclasses' own value checks, now
+        except (TypeError, ValueError) as error:
+            raise seg_training.ConfigError(f"{section}: {error}") from None
     return config
 
 
@@ -443,9 +458,7 @@ def train_adaptation(config: str | os.PathLike | Mapping[str, Any], iterations: 
         stop_after: Stop (after checkpointing) once this many steps ran in this call.
         progress: Show a tqdm progress bar.
     """
-    config = load_adaptation_config(config)
-    if iterations is not None:
-        config["train"]["iterations"] = int(iterations)
+    config = load_adaptation_config(config, {} if iterations is None else {"train.iterations": iterations})
     tc, dc, mc = config["train"], config["data"], config["model"]
     output_dir = Path(tc["output_dir"])
     # the same guard as train and demo; the old run is moved aside only once the new one is ready to start

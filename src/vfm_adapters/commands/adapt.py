@@ -13,6 +13,9 @@ HELP = "run a domain-adaptation recipe (DACS, DAFormer options, or CLOUDS-style 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", help="a config shipped with the package by name (see 'vfm-adapters configs'), "
                                        "or a YAML/JSON file")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                        help="config overrides as dotted keys, values read as YAML, e.g. optim.lr=6e-5 "
+                             "dacs.ema_alpha=0.999 train.output_dir=runs/dacs")
     parser.add_argument("--iterations", type=int, default=None, help="override train.iterations")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     parser.add_argument("--overwrite", action="store_true", help="replace a run already in train.output_dir")
@@ -23,12 +26,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from vfm_adapters.adaptation.recipes import train_adaptation
+    from vfm_adapters.adaptation.recipes import load_adaptation_config, train_adaptation
     from vfm_adapters.configs import resolve_config
 
     refuse_plain_torchrun()
+    flags = [("train.iterations", args.iterations)] if args.iterations is not None else []
+    # one loader for file + overrides + flags: the whole config is checked before anything runs
+    config = load_adaptation_config(resolve_config(args.config), [*args.overrides, *flags])
     with torch_threads(args.threads):
-        train_adaptation(resolve_config(args.config), iterations=args.iterations, device=args.device,
+        train_adaptation(config, device=args.device,
                          overwrite=args.overwrite, resume=args.resume, stop_after=args.stop_after,
                          progress=not args.no_progress)
     return 0

@@ -21,6 +21,9 @@ HELP = "evaluate a trained segmentor (adapters + head) and print mIoU per datase
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_dir", help="directory with segmentor.json, head.safetensors and adapters/")
+    parser.add_argument("overrides", nargs="*", metavar="eval.KEY=VALUE",
+                        help="overrides of the run's eval section, e.g. eval.mode=whole eval.crop=768 eval.stride=512 "
+                             "(checked like a config: the stride must not exceed the crop)")
     parser.add_argument("--data", action="append", default=[], metavar="NAME=TYPE:ROOT[:SPLIT]",
                         help="a dataset to evaluate on (repeatable), e.g. citys=cityscapes:/data/cityscapes:val; "
                              "default: data.val of the run's config")
@@ -83,6 +86,23 @@ def run(args: argparse.Namespace) -> int:
         return _evaluate(args)
 
 
+def _eval_config(stored: dict, args: argparse.Namespace) -> dict:
+    """The run's ``eval`` section + ``eval.KEY=VALUE`` overrides + flags, through the one config loader.
+
+    ``limit`` stays the command's own (``--limit``): a run's training-time limit does not
+    shrink a later evaluation.
+    """
+    from vfm_adapters.seg.config import ConfigError, load_config
+
+    outside = [item for item in args.overrides if not str(item).startswith("eval.")]
+    if outside:
+        raise ConfigError(f"eval overrides set keys of the eval section only (eval.mode, eval.crop, eval.stride), "
+                          f"got {outside}")
+    flags = [(f"eval.{key}", getattr(args, key)) for key in ("mode", "crop", "stride") if getattr(args, key) is not None]
+    stored = {key: value for key, value in dict(stored).items() if key != "limit"}
+    return load_config({"eval": stored}, [*args.overrides, *flags])["eval"]
+
+
 def _evaluate(args: argparse.Namespace) -> int:
     import torch
 
@@ -92,10 +112,10 @@ def _evaluate(args: argparse.Namespace) -> int:
     from vfm_adapters.seg.training import load_segmentor
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model, info = load_segmentor(args.run_dir, map_location=device, verify=not args.no_verify)
     config_path = Path(args.run_dir) / "config.json"
     config = json.loads(config_path.read_text()) if config_path.is_file() else {}
-    eval_cfg = {"mode": "slide", "crop": 512, "stride": 341, **config.get("eval", {})}
+    eval_cfg = _eval_config(config.get("eval") or {}, args)  # checked before the model is loaded
+    model, info = load_segmentor(args.run_dir, map_location=device, verify=not args.no_verify)
     resize = {}
     for item in args.resize:
         name, size = item.split("=", 1)
@@ -116,9 +136,8 @@ def _evaluate(args: argparse.Namespace) -> int:
         size = resize.get(name) or (tuple(entry["resize"]) if entry.get("resize") else None)
         # keep-ratio test resize (e.g. half-size Mapillary into (1024, 512)), unless --resize overrides it
         scale = tuple(entry["scale"]) if entry.get("scale") and name not in resize else None
-        results[name] = evaluate(model, dataset, num_classes, mode=args.mode or eval_cfg["mode"],
-                                 crop=int(eval_cfg["crop"]) if args.crop is None else args.crop,
-                                 stride=int(eval_cfg["stride"]) if args.stride is None else args.stride,
+        results[name] = evaluate(model, dataset, num_classes, mode=eval_cfg["mode"], crop=eval_cfg["crop"],
+                                 stride=eval_cfg["stride"],
                                  resize=size if scale is None else None, mean=model.mean, std=model.std,
                                  limit=args.limit, progress=True, scale=scale)
         print(f"{name}: mIoU {results[name]['mIoU']:.2f} on {results[name]['images']} images")

@@ -18,6 +18,9 @@ HELP = "train adapters + a segmentation head from a YAML/JSON config (accelerate
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", help="a config shipped with the package by name (see 'vfm-adapters configs'), "
                                        "or a YAML/JSON file")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                        help="config overrides as dotted keys, values read as YAML, e.g. optim.lr=2e-4 "
+                             "train.batch_size=8 model.method_options.rein.token_length=50")
     parser.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/checkpoint.pt if present")
     parser.add_argument("--overwrite", action="store_true",
                         help="start from scratch even if OUTPUT_DIR already holds a run (its files are replaced)")
@@ -39,13 +42,11 @@ def run(args: argparse.Namespace) -> int:
     from vfm_adapters.seg.training import load_config, train
 
     refuse_plain_torchrun()
-    config = load_config(resolve_config(args.config))
-    if args.output_dir is not None:
-        config["train"]["output_dir"] = args.output_dir
-    if args.iterations is not None:
-        config["train"]["iterations"] = args.iterations
-    if getattr(args, "mixed_precision", None) is not None:
-        config["train"]["mixed_precision"] = args.mixed_precision
+    flags = {"train.output_dir": args.output_dir, "train.iterations": args.iterations,
+             "train.mixed_precision": getattr(args, "mixed_precision", None)}
+    # the flags are overrides too (after the KEY=VALUE ones): the whole config is checked before anything runs
+    config = load_config(resolve_config(args.config),
+                         [*args.overrides, *((k, v) for k, v in flags.items() if v is not None)])
     with torch_threads(args.threads):
         outcome = train(config, resume=args.resume, overwrite=args.overwrite, stop_after=args.stop_after,
                         progress=not args.no_progress, evaluate_at_end=not args.no_eval)

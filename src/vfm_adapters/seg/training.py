@@ -83,7 +83,6 @@ Config reference (YAML or JSON; every key optional except the data)::
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import os
@@ -109,155 +108,15 @@ from .run_dir import check_run_dir, discard_replaced, existing_entries, prepare_
 from .manifest import RunManifestError, resolve_checkpoint_path, stored_checkpoint_path, verify_run, write_manifest
 from .metrics import results_table
 from .sampling import AugmentedStream, StreamSampler
-from .transforms import IMAGENET_MEAN, IMAGENET_STD, train_transform
-
-DEFAULTS: dict[str, dict[str, Any]] = {
-    "model": {
-        "backbone": "vit_large_patch14_dinov2", "backbone_kwargs": {}, "pretrained": False, "patch_resample": "timm",
-        "backbone_checkpoint": None, "methods": ["rein"], "method_options": {}, "train_backbone": False,
-        "layers": None, "scales": [4, 2, 1, 0.5], "neck": "learnable", "head": "fpn", "head_channels": 256, "dropout": 0.1,
-        "head_options": {}, "num_classes": 19, "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
-    },
-    "data": {
-        "train": [], "val": [], "crop_size": [512, 512], "scale": [1280, 720], "ratio_range": [0.5, 2.0],
-        "cat_max_ratio": 0.75, "flip": 0.5, "photometric": True, "num_workers": 2,
-        "resize": "ratio_range", "short_sides": None, "max_long_side": None,
-    },
-    "optim": {
-        "lr": 1e-4, "weight_decay": 0.05, "betas": [0.9, 0.999], "backbone_lr_mult": 0.1, "poly_power": 0.9,
-        "min_lr": 0.0, "warmup_iters": 0, "warmup_ratio": 1e-6, "grad_clip": None,
-        "no_decay": "authors", "schedule": "poly",
-    },
-    "train": {
-        "iterations": 40000, "batch_size": 4, "grad_accum": 1, "total_batch_size": None, "seed": 0, "mixed_precision": "auto",
-        "log_interval": 50, "checkpoint_interval": 1000, "eval_interval": 0, "output_dir": "runs/segmentation",
-        "log_with": None, "find_unused_parameters": False,
-    },
-    "eval": {"mode": "slide", "crop": 512, "stride": 341, "limit": None},
-}
-
-#: Method options the segmentation stack sets unless the config says otherwise: the
-#: light heads use no object queries, so Rein's query link would be unused parameters
-#: (which also breaks DistributedDataParallel).
-METHOD_DEFAULTS: dict[str, dict[str, Any]] = {"rein": {"link_queries": False}}
+from .transforms import train_transform
+# the config schema, loader and validation live in seg/config.py; re-exported for existing imports
+from .config import DEFAULTS, METHOD_DEFAULTS, ConfigError, load_config  # noqa: F401
 
 CHECKPOINT_NAME = "checkpoint.pt"
 
 
-class ConfigError(ValueError):
-    """A training config with unknown keys or invalid values."""
-
-
 class TrainingDivergedError(RuntimeError):
     """The loss became NaN or infinite; training stopped before the step that would save such weights."""
-
-
-def load_config(source: str | os.PathLike | Mapping[str, Any]) -> dict[str, Any]:
-    """Reads a YAML/JSON config (or takes a dict) and fills in :data:`DEFAULTS`.
-
-    Unknown sections or keys raise :class:`ConfigError` listing the accepted ones, so a
-    typo never silently falls back to a default.
-
-    Example:
-        >>> cfg = load_config({"train": {"iterations": 10}, "data": {"train": [{"type": "synthetic"}]}})
-        >>> cfg["train"]["iterations"], cfg["optim"]["lr"]
-        (10, 0.0001)
-    """
-    if isinstance(source, Mapping):
-        raw = copy.deepcopy(dict(source))
-    else:
-        path = Path(source)
-        if not path.is_file():
-            raise FileNotFoundError(f"config file {path} not found")
-        text = path.read_text()
-        if path.suffix.lower() == ".json":
-            raw = json.loads(text)
-        else:
-            import yaml
-
-            raw = yaml.safe_load(text) or {}
-    if not isinstance(raw, Mapping):
-        raise ConfigError("a config is a mapping with sections " + ", ".join(DEFAULTS))
-    config = copy.deepcopy(DEFAULTS)
-    for section, values in raw.items():
-        if section not in config:
-            raise ConfigError(f"unknown config section {section!r}; sections: {sorted(config)}")
-        if not isinstance(values, Mapping):
-            raise ConfigError(f"config section {section!r} must be a mapping")
-        unknown = sorted(set(values) - set(config[section]))
-        if unknown:
-            raise ConfigError(f"unknown key(s) {unknown} in section {section!r}; accepted: {sorted(config[section])}")
-        config[section].update(copy.deepcopy(dict(values)))
-    _validate(config)
-    return config
-
-
-def _validate(config: dict[str, Any]) -> None:
-    train = config["train"]
-    for key in ("iterations", "batch_size", "grad_accum"):
-        if not isinstance(train[key], int) or train[key] < 1:
-            raise ConfigError(f"train.{key} must be a positive integer, got {train[key]!r}")
-    if isinstance(config["model"]["methods"], str):
-        config["model"]["methods"] = [m for m in config["model"]["methods"].split(",") if m]
-    if isinstance(config["data"]["val"], Mapping):
-        config["data"]["val"] = [dict(v, name=k) for k, v in config["data"]["val"].items()]
-    if config["train"]["mixed_precision"] is False:  # YAML reads an unquoted `no` as false
-        config["train"]["mixed_precision"] = "no"
-    if config["train"]["mixed_precision"] not in ("auto", "no", "bf16", "fp16"):
-        raise ConfigError("train.mixed_precision must be auto, no, bf16 or fp16")
-    if config["optim"]["schedule"] not in ("poly", "warmup_poly_restart"):
-        raise ConfigError("optim.schedule must be 'poly' or 'warmup_poly_restart' (the authors' ACDC schedule)")
-    if config["data"]["resize"] not in ("ratio_range", "short_side_choice"):
-        raise ConfigError("data.resize must be 'ratio_range' or 'short_side_choice' (the Rein authors' recipe)")
-    if config["eval"]["mode"] not in ("slide", "whole"):
-        raise ConfigError("eval.mode must be 'slide' or 'whole'")
-    _validate_eval(config["eval"])
-    _validate_optim(config["optim"], config["train"])
-
-
-def _number(section: str, key: str, value: Any, low: float, high: float = math.inf, low_open: bool = False,
-            high_open: bool = False) -> None:
-    """Refuses a value that is not a finite real number in the given range (bools included)."""
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    ok = ok and (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
-    if not ok:
-        interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
-        raise ConfigError(f"{section}.{key} must be a finite number in {interval}, got {value!r}")
-
-
-def _validate_optim(oc: Mapping[str, Any], tc: Mapping[str, Any]) -> None:
-    """Optimiser and schedule values that cannot silently train wrongly (a negative grad_clip flips gradients)."""
-    _number("optim", "lr", oc.get("lr"), 0.0, low_open=True)
-    _number("optim", "weight_decay", oc.get("weight_decay"), 0.0)
-    _number("optim", "backbone_lr_mult", oc.get("backbone_lr_mult"), 0.0)
-    _number("optim", "poly_power", oc.get("poly_power"), 0.0)
-    _number("optim", "min_lr", oc.get("min_lr", 0.0), 0.0, float(oc["lr"]))
-    _number("optim", "warmup_ratio", oc.get("warmup_ratio"), 0.0, 1.0)
-    betas = oc.get("betas")
-    if not isinstance(betas, (list, tuple)) or len(betas) != 2:
-        raise ConfigError(f"optim.betas must be two numbers in [0, 1), got {betas!r}")
-    for beta in betas:
-        _number("optim", "betas", beta, 0.0, 1.0, high_open=True)
-    if oc.get("grad_clip") is not None:
-        _number("optim", "grad_clip (null = no clipping)", oc["grad_clip"], 0.0, low_open=True)
-    for section, values, key, minimum in (("optim", oc, "warmup_iters", 0), ("train", tc, "log_interval", 1),
-                                          ("train", tc, "checkpoint_interval", 0), ("train", tc, "eval_interval", 0)):
-        value = values.get(key)
-        if key in values and (isinstance(value, bool) or not isinstance(value, int) or value < minimum):
-            raise ConfigError(f"{section}.{key} must be an integer >= {minimum}, got {value!r}")
-
-
-def _validate_eval(ev: Mapping[str, Any]) -> None:
-    """Sliding-window sizes that cover every pixel, and a positive image limit."""
-    crop, stride, limit = ev.get("crop"), ev.get("stride"), ev.get("limit")
-    for key, value in (("crop", crop), ("stride", stride)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ConfigError(f"eval.{key} must be a positive integer, got {value!r}")
-    if stride > crop:
-        raise ConfigError(f"eval.stride ({stride}) must not exceed eval.crop ({crop}): pixels between windows "
-                          "would be in no window")
-    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
-        raise ConfigError(f"eval.limit must be a positive integer or null, got {limit!r}")
 
 
 # ----------------------------------------------------------------------------- model

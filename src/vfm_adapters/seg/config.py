@@ -1,0 +1,575 @@
+"""One config path: defaults + a YAML/JSON file + ``key=value`` overrides, validated as a whole.
+
+``train``, ``eval``, ``adapt`` and the Python API all load a config here, so a config is
+complete, typed and checked before a run builds a model or writes a file. The schema is
+the defaults tree itself (:data:`DEFAULTS`; the adaptation recipes pass their own):
+
+* a non-empty mapping is a closed section: an unknown key is an error that names the
+  key path and suggests the closest accepted key
+  (``model.method_options.rein.token_lenght: unknown key; did you mean token_length?``);
+* a leaf takes the type of its default: a float default accepts ints and numbers that
+  PyYAML reads as strings (``1e-3``), an int default accepts integral numbers, a bool
+  default only booleans, a string default only strings (``null`` is accepted everywhere
+  and checked by the value rules that follow);
+* hooks check what the tree cannot describe: each method's options against its config
+  dataclass, each dataset entry against its reader's arguments, and the value ranges.
+
+Overrides are dotted paths with values parsed by ``yaml.safe_load``
+(``optim.lr=2e-4 data.batch_size=8 model.methods=[rein] data.train.0.weight=2``); they
+are applied to the file's mapping before validation, so an override with a typo fails
+exactly like the same typo in the file.
+
+The config reference (every key and its meaning) is in :mod:`vfm_adapters.seg.training`.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import inspect
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping
+
+from .transforms import IMAGENET_MEAN, IMAGENET_STD
+
+__all__ = ["ConfigError", "DEFAULTS", "METHOD_DEFAULTS", "apply_overrides", "dataclass_options", "dataset_check", "load_config", "merge_config",
+           "parse_overrides", "read_config_file", "read_source", "unknown_key_error",
+           "validate_eval", "validate_optim"]
+
+DEFAULTS: dict[str, dict[str, Any]] = {
+    "model": {
+        "backbone": "vit_large_patch14_dinov2", "backbone_kwargs": {}, "pretrained": False, "patch_resample": "timm",
+        "backbone_checkpoint": None, "methods": ["rein"], "method_options": {}, "train_backbone": False,
+        "layers": None, "scales": [4, 2, 1, 0.5], "neck": "learnable", "head": "fpn", "head_channels": 256, "dropout": 0.1,
+        "head_options": {}, "num_classes": 19, "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
+    },
+    "data": {
+        "train": [], "val": [], "crop_size": [512, 512], "scale": [1280, 720], "ratio_range": [0.5, 2.0],
+        "cat_max_ratio": 0.75, "flip": 0.5, "photometric": True, "num_workers": 2,
+        "resize": "ratio_range", "short_sides": None, "max_long_side": None,
+    },
+    "optim": {
+        "lr": 1e-4, "weight_decay": 0.05, "betas": [0.9, 0.999], "backbone_lr_mult": 0.1, "poly_power": 0.9,
+        "min_lr": 0.0, "warmup_iters": 0, "warmup_ratio": 1e-6, "grad_clip": None,
+        "no_decay": "authors", "schedule": "poly",
+    },
+    "train": {
+        "iterations": 40000, "batch_size": 4, "grad_accum": 1, "total_batch_size": None, "seed": 0, "mixed_precision": "auto",
+        "log_interval": 50, "checkpoint_interval": 1000, "eval_interval": 0, "output_dir": "runs/segmentation",
+        "log_with": None, "find_unused_parameters": False,
+    },
+    "eval": {"mode": "slide", "crop": 512, "stride": 341, "limit": None},
+}
+
+#: Method options the segmentation stack sets unless the config says otherwise: the
+#: light heads use no object queries, so Rein's query link would be unused parameters
+#: (which also breaks DistributedDataParallel).
+METHOD_DEFAULTS: dict[str, dict[str, Any]] = {"rein": {"link_queries": False}}
+
+#: Types of keys whose default is ``null`` (the tree cannot tell them).
+NULLABLE_TYPES: dict[str, type] = {
+    "model.backbone_checkpoint": str, "data.max_long_side": int, "optim.grad_clip": float,
+    "train.total_batch_size": int, "eval.limit": int,
+}
+
+#: Keys of a dataset entry that every reader accepts (the loops read them, not the reader).
+DATASET_COMMON_KEYS = ("type", "name", "weight", "resize", "scale")
+
+#: A check for one key path: ``(path, value) -> normalised value``; raises :class:`ConfigError`.
+Check = Callable[[str, Any], Any]
+
+
+class ConfigError(ValueError):
+    """A training config with unknown keys or invalid values."""
+
+
+def unknown_key_error(path: str, key: str, accepted: Iterable[str], what: str = "unknown key") -> ConfigError:
+    """``path: unknown key; did you mean X?`` (difflib's closest accepted name), listing the accepted keys.
+
+    Example:
+        >>> print(unknown_key_error("optim.lrr", "lrr", ["lr", "betas"]))
+        optim.lrr: unknown key; did you mean lr? (accepted: betas, lr)
+    """
+    accepted = sorted(str(a) for a in accepted)
+    close = difflib.get_close_matches(str(key), accepted, n=1, cutoff=0.6)
+    hint = f"; did you mean {close[0]}?" if close else ""
+    return ConfigError(f"{path}: {what}{hint} (accepted: {', '.join(accepted) or 'none'})")
+
+
+def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
+    """The mapping in a YAML or JSON file (an empty file is an empty mapping).
+
+    Example:
+        >>> import tempfile
+        >>> with tempfile.TemporaryDirectory() as d:
+        ...     _ = (Path(d) / "c.yaml").write_text("optim: {lr: 1e-3}\\n")
+        ...     read_config_file(Path(d) / "c.yaml")
+        {'optim': {'lr': '1e-3'}}
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} not found")
+    text = path.read_text()
+    if path.suffix.lower() == ".json":
+        raw = json.loads(text)
+    else:
+        import yaml
+
+        raw = yaml.safe_load(text)
+    raw = {} if raw is None else raw
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{path}: a config is a mapping of sections, got {type(raw).__name__}")
+    return dict(raw)
+
+
+def parse_overrides(items: Iterable[str | tuple[str, Any]] | Mapping[str, Any]) -> list[tuple[str, Any]]:
+    """``["optim.lr=2e-4", ...]`` -> ``[("optim.lr", 0.0002), ...]``, values parsed by ``yaml.safe_load``.
+
+    A mapping ``{"optim.lr": 2e-4}`` or a ``(key, value)`` pair gives typed values
+    unchanged (values of command-line flags).
+
+    Example:
+        >>> parse_overrides(["optim.lr=2e-4", "model.methods=[rein, lora]", "train.log_with=", "train.output_dir=runs/a"])
+        [('optim.lr', 0.0002), ('model.methods', ['rein', 'lora']), ('train.log_with', None), ('train.output_dir', 'runs/a')]
+    """
+    if isinstance(items, Mapping):
+        return [(str(k), v) for k, v in items.items()]
+    import yaml
+
+    parsed = []
+    for item in items:
+        if isinstance(item, tuple) and len(item) == 2:
+            parsed.append((str(item[0]), item[1]))
+            continue
+        key, sep, text = str(item).partition("=")
+        key = key.strip()
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise ConfigError(f"override {item!r}: expected KEY=VALUE with a dotted key, e.g. optim.lr=2e-4")
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError as error:
+            raise ConfigError(f"{key}: cannot parse the value {text!r} ({error.__class__.__name__})") from None
+        if isinstance(value, str) and _as_number(value) is not None:  # YAML 1.1 reads 2e-4 as a string
+            value = _as_number(value)
+        parsed.append((key, value))
+    return parsed
+
+
+def apply_overrides(raw: Mapping[str, Any], overrides: Iterable[str | tuple[str, Any]] | Mapping[str, Any]) -> dict[str, Any]:
+    """A copy of ``raw`` with every dotted override set (missing mappings created; ``N`` indexes a list).
+
+    Example:
+        >>> apply_overrides({"data": {"train": [{"type": "gta5"}]}}, ["data.train.0.weight=2", "optim.lr=1e-3"])
+        {'data': {'train': [{'type': 'gta5', 'weight': 2}]}, 'optim': {'lr': 0.001}}
+    """
+    result = copy.deepcopy(dict(raw))
+    for key, value in parse_overrides(overrides):
+        parts = key.split(".")
+        node: Any = result
+        for depth, part in enumerate(parts):
+            path = ".".join(parts[: depth + 1])
+            last = depth == len(parts) - 1
+            if isinstance(node, list):
+                if not part.isdigit() or int(part) >= len(node):
+                    raise ConfigError(f"{path}: {'.'.join(parts[:depth])} is a list of {len(node)}; "
+                                      f"index it with 0..{len(node) - 1}")
+                index: Any = int(part)
+            elif isinstance(node, dict):
+                index = part
+                if not last and node.get(part) is None:
+                    node[part] = {}
+            else:
+                raise ConfigError(f"{path}: {'.'.join(parts[:depth])} is a {type(node).__name__}, not a mapping")
+            if last:
+                node[index] = copy.deepcopy(value)
+            else:
+                node = node[index]
+    return result
+
+
+def _as_number(text: str) -> int | float | None:
+    """The number a string spells (``"1e-3"``, ``"40000"``), else ``None``."""
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        value = float(text)
+    except ValueError:
+        return None
+    return value if math.isfinite(value) else None
+
+
+def _coerce(path: str, value: Any, default: Any, kind: type | None = None) -> Any:
+    """``value`` as the type of ``default`` (or ``kind``); ``null`` passes, to be judged by the value rules."""
+    if value is None:
+        return None
+    kind = kind or (type(default) if default is not None else None)
+    if kind is None:
+        return copy.deepcopy(value)
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path}: expected true or false, got {value!r}")
+        return value
+    if kind in (int, float):
+        number = _as_number(value) if isinstance(value, str) else value
+        if isinstance(number, bool) or not isinstance(number, (int, float)):
+            raise ConfigError(f"{path}: expected {'an integer' if kind is int else 'a number'}, got {value!r}")
+        if kind is int:
+            if isinstance(number, float) and not number.is_integer():
+                raise ConfigError(f"{path}: expected an integer, got {value!r}")
+            return int(number)
+        return float(number)
+    if kind is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{path}: expected a string, got {value!r}")
+        return value
+    if kind in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{path}: expected a list, got {value!r}")
+        numeric = bool(default) and all(isinstance(d, (int, float)) and not isinstance(d, bool) for d in default)
+        if not numeric:
+            return copy.deepcopy(list(value))
+        element = float if any(isinstance(d, float) for d in default) else None
+        out = []
+        for i, item in enumerate(value):
+            number = _as_number(item) if isinstance(item, str) else item
+            if isinstance(number, bool) or not isinstance(number, (int, float)):
+                raise ConfigError(f"{path}[{i}]: expected a number, got {item!r}")
+            out.append(float(number) if element is float else number)
+        return out
+    if kind is dict:
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{path}: expected a mapping, got {value!r}")
+        return copy.deepcopy(dict(value))
+    return copy.deepcopy(value)
+
+
+def merge_config(defaults: Mapping[str, Any], raw: Mapping[str, Any], checks: Mapping[str, Check] | None = None,
+                 types: Mapping[str, type] | None = None, prefix: str = "") -> dict[str, Any]:
+    """``defaults`` updated by ``raw``, key by key, refusing unknown keys and wrong types.
+
+    Args:
+        defaults: The schema: non-empty mappings are closed sections, empty ones open.
+        raw: The user's values (file + overrides).
+        checks: Per key path, a function that validates and normalises the value
+            instead of the generic rule (e.g. ``model.method_options``).
+        types: Types of keys whose default is ``null``.
+        prefix: The key path of ``defaults`` (used in messages).
+
+    Example:
+        >>> merge_config({"optim": {"lr": 1e-4, "betas": [0.9, 0.999]}}, {"optim": {"lr": "1e-3"}})
+        {'optim': {'lr': 0.001, 'betas': [0.9, 0.999]}}
+        >>> merge_config({"optim": {"lr": 1e-4}}, {"optim": {"lrr": 1}})
+        Traceback (most recent call last):
+        ...
+        vfm_adapters.seg.config.ConfigError: optim.lrr: unknown key; did you mean lr? (accepted: lr)
+    """
+    checks, types = checks or {}, types or {}
+    if not isinstance(raw, Mapping):
+        where = prefix.rstrip(".") or "the config"
+        raise ConfigError(f"{where}: expected a mapping with keys {', '.join(sorted(defaults))}, got {raw!r}")
+    result = copy.deepcopy(dict(defaults))
+    for key, value in raw.items():
+        path = f"{prefix}{key}"
+        if key not in defaults:
+            raise unknown_key_error(path, key, defaults, "unknown config section" if not prefix else "unknown key")
+        default = defaults[key]
+        if path in checks:
+            result[key] = checks[path](path, value)
+        elif isinstance(default, Mapping) and default:
+            result[key] = merge_config(default, value if value is not None else {}, checks, types, path + ".")
+        else:
+            result[key] = _coerce(path, value, default, types.get(path))
+    return result
+
+
+def load_config(source: str | os.PathLike | Mapping[str, Any] | None = None,
+                overrides: Iterable[str | tuple[str, Any]] | Mapping[str, Any] = ()) -> dict[str, Any]:
+    """A complete, validated training config: :data:`DEFAULTS` + a YAML/JSON file (or a dict) + overrides.
+
+    Unknown keys (at any depth: sections, method options, dataset entries) and values of
+    the wrong type raise :class:`ConfigError` naming the key path, so a typo never falls
+    back to a default and nothing is built or written from a bad config.
+
+    Example:
+        >>> cfg = load_config({"train": {"iterations": 10}, "data": {"train": [{"type": "synthetic"}]}},
+        ...                   ["optim.lr=2e-4", "model.method_options.rein.token_length=50"])
+        >>> cfg["train"]["iterations"], cfg["optim"]["lr"], cfg["model"]["method_options"]
+        (10, 0.0002, {'rein': {'token_length': 50}})
+        >>> load_config({}, ["model.method_options.rein.token_lenght=50"])
+        Traceback (most recent call last):
+        ...
+        vfm_adapters.seg.config.ConfigError: model.method_options.rein.token_lenght: unknown key; did you mean token_length? ...
+    """
+    raw = read_source(source)
+    raw = apply_overrides(raw, overrides)
+    config = merge_config(DEFAULTS, raw, SEGMENTATION_CHECKS, NULLABLE_TYPES)
+    _validate(config)
+    return config
+
+
+def read_source(source: str | os.PathLike | Mapping[str, Any] | None) -> dict[str, Any]:
+    """A copy of a config given as a path (YAML/JSON), a mapping or ``None`` (empty).
+
+    Example:
+        >>> read_source(None), read_source({"optim": {"lr": 1e-3}})
+        ({}, {'optim': {'lr': 0.001}})
+    """
+    if source is None:
+        return {}
+    if isinstance(source, Mapping):
+        return copy.deepcopy(dict(source))
+    return read_config_file(source)
+
+
+def _named_entries(entries: Mapping[str, Any]) -> list[Any]:
+    """``{name: entry}`` -> ``[entry + {name}]`` (``data.val`` may be written as a mapping)."""
+    return [dict(v, name=k) if isinstance(v, Mapping) else v for k, v in entries.items()]
+
+
+# ------------------------------------------------------------------------ nested checks
+def check_methods(path: str, value: Any) -> list[str]:
+    """``model.methods``: registered method names (or freeze / full / none); a string is split on commas.
+
+    Example:
+        >>> check_methods("model.methods", "rein,lora")
+        ['rein', 'lora']
+        >>> check_methods("model.methods", ["reni"])
+        Traceback (most recent call last):
+        ...
+        vfm_adapters.seg.config.ConfigError: model.methods[0]: unknown method 'reni'; did you mean rein? ...
+    """
+    if isinstance(value, str):
+        value = [m for m in value.split(",") if m]
+    if value is None:
+        return []
+    if not isinstance(value, (list, tuple)):
+        raise ConfigError(f"{path}: expected a list of method names, got {value!r}")
+    from ..methods.base import available_methods
+
+    accepted = set(available_methods()) | {"freeze", "full", "none"}
+    for i, name in enumerate(value):
+        if name not in accepted:
+            raise unknown_key_error(f"{path}[{i}]", name, accepted, f"unknown method {name!r}")
+    return list(value)
+
+
+def check_method_options(path: str, value: Any) -> dict[str, dict[str, Any]]:
+    """``model.method_options``: per registered method, keys among its config dataclass's fields.
+
+    Values are typed by the field (``"1e-3"`` for a float field is a number); only the
+    keys given are returned, so the method's own defaults still apply.
+
+    Example:
+        >>> check_method_options("model.method_options", {"lora": {"rank": "8"}})
+        {'lora': {'rank': 8}}
+    """
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{path}: expected a mapping method -> options, e.g. {{rein: {{token_length: 100}}}}")
+    from ..methods.base import available_methods
+
+    out = {}
+    for name, options in value.items():
+        if name not in available_methods():
+            raise unknown_key_error(f"{path}.{name}", name, available_methods(), "unknown method")
+        from ..methods.base import get_method
+
+        out[name] = dataclass_options(f"{path}.{name}", get_method(name).config_class, options)
+    return out
+
+
+def dataclass_options(path: str, config_class: type, options: Any) -> dict[str, Any]:
+    """``options`` checked against a config dataclass: keys among its fields, values typed by them.
+
+    Only the keys given are returned (the dataclass's defaults still apply when it is built).
+
+    Example:
+        >>> from vfm_adapters.adaptation.dacs import DACSConfig
+        >>> dataclass_options("dacs", DACSConfig, {"threshold": "9e-1"})
+        {'threshold': 0.9}
+    """
+    options = {} if options is None else options
+    fields = {f.name: f for f in dataclasses.fields(config_class)} if dataclasses.is_dataclass(config_class) else {}
+    merged = merge_config({k: _field_default(f) for k, f in fields.items()}, options, prefix=f"{path}.",
+                          types={f"{path}.{k}": t for k, f in fields.items() if (t := _field_type(f))})
+    return {k: v for k, v in merged.items() if k in options}
+
+
+def _field_default(field: dataclasses.Field) -> Any:
+    if field.default is not dataclasses.MISSING:
+        return field.default
+    if field.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        return field.default_factory()  # type: ignore[misc]
+    return None
+
+
+def _field_type(field: dataclasses.Field) -> type | None:
+    """A plain scalar type of a dataclass field (``float``, ``int``, ``bool``, ``str``), else ``None`` (not checked)."""
+    annotation = field.type if isinstance(field.type, str) else getattr(field.type, "__name__", "")
+    annotation = str(annotation).replace(" ", "")
+    for optional in ("|None", "None|"):  # ``float | None``: a float or null
+        annotation = annotation.replace(optional, "")
+    if annotation.startswith("Optional[") and annotation.endswith("]"):
+        annotation = annotation[len("Optional["):-1]
+    return {"float": float, "int": int, "bool": bool, "str": str}.get(annotation)
+
+
+def dataset_keys(kind: str) -> list[str]:
+    """The keys a dataset entry of ``type: kind`` accepts: the reader's arguments + :data:`DATASET_COMMON_KEYS`.
+
+    Example:
+        >>> dataset_keys("cityscapes")
+        ['name', 'resize', 'root', 'scale', 'split', 'type', 'weight']
+    """
+    from .datasets import DATASETS
+
+    if kind == "synthetic":
+        from .synthetic import SyntheticScenes
+
+        reader: Any = SyntheticScenes
+    else:
+        reader = DATASETS[kind]
+    arguments = [p for p in inspect.signature(reader.__init__).parameters if p not in ("self", "transform")]
+    return sorted(set(arguments) | set(DATASET_COMMON_KEYS))
+
+
+def dataset_check(extra_types: Mapping[str, Iterable[str]] | None = None) -> Check:
+    """A check for a list of dataset entries; ``extra_types`` adds readers by ``type`` with their keys
+    (the adaptation recipes' ``unlabelled`` folders).
+
+    Example:
+        >>> check = dataset_check()
+        >>> check("data.val", {"fog": {"type": "synthetic", "domain": "fog"}})
+        [{'type': 'synthetic', 'domain': 'fog', 'name': 'fog'}]
+        >>> check("data.train", [{"type": "synthetic", "domian": "fog"}])
+        Traceback (most recent call last):
+        ...
+        vfm_adapters.seg.config.ConfigError: data.train[0].domian: unknown key for a synthetic dataset; did you mean domain? ...
+    """
+    extra = {k: sorted(set(v) | set(DATASET_COMMON_KEYS)) for k, v in (extra_types or {}).items()}
+
+    def check(path: str, value: Any) -> list[dict[str, Any]]:
+        from .datasets import DATASETS
+
+        if value is None:
+            return []
+        if isinstance(value, Mapping):
+            value = _named_entries(value)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{path}: expected a list of dataset entries such as {{type: cityscapes, root: ...}}")
+        kinds = sorted(DATASETS) + ["synthetic"] + sorted(extra)
+        entries = []
+        for i, entry in enumerate(value):
+            where = f"{path}[{i}]"
+            if not isinstance(entry, Mapping):
+                raise ConfigError(f"{where}: expected a mapping such as {{type: cityscapes, root: ...}}, got {entry!r}")
+            if "type" not in entry:
+                raise ConfigError(f"{where}.type: missing (one of {', '.join(kinds)})")
+            kind = str(entry["type"]).lower()
+            if kind not in kinds:
+                raise unknown_key_error(f"{where}.type", kind, kinds, f"unknown dataset type {kind!r}")
+            accepted = extra[kind] if kind in extra else dataset_keys(kind)
+            for key in entry:
+                if key not in accepted:
+                    raise unknown_key_error(f"{where}.{key}", key, accepted, f"unknown key for a {kind} dataset")
+            if "weight" in entry:
+                entry = {**entry, "weight": _coerce(f"{where}.weight", entry["weight"], 1.0)}
+            entries.append(copy.deepcopy(dict(entry)))
+        return entries
+
+    return check
+
+
+def _mixed_precision(path: str, value: Any) -> str:
+    value = "no" if value is False else value  # YAML reads an unquoted `no` as false
+    if value not in ("auto", "no", "bf16", "fp16"):
+        raise ConfigError(f"{path} must be auto, no, bf16 or fp16, got {value!r}")
+    return value
+
+
+SEGMENTATION_CHECKS: dict[str, Check] = {
+    "model.methods": check_methods, "model.method_options": check_method_options,
+    "data.train": dataset_check(), "data.val": dataset_check(), "train.mixed_precision": _mixed_precision,
+}
+
+
+# ----------------------------------------------------------------------------- value rules
+def _validate(config: dict[str, Any]) -> None:
+    train = config["train"]
+    for key in ("iterations", "batch_size", "grad_accum"):
+        if not isinstance(train[key], int) or train[key] < 1:
+            raise ConfigError(f"train.{key} must be a positive integer, got {train[key]!r}")
+    if config["optim"]["schedule"] not in ("poly", "warmup_poly_restart"):
+        raise ConfigError("optim.schedule must be 'poly' or 'warmup_poly_restart' (the authors' ACDC schedule)")
+    if config["data"]["resize"] not in ("ratio_range", "short_side_choice"):
+        raise ConfigError("data.resize must be 'ratio_range' or 'short_side_choice' (the Rein authors' recipe)")
+    if config["eval"]["mode"] not in ("slide", "whole"):
+        raise ConfigError("eval.mode must be 'slide' or 'whole'")
+    validate_eval(config["eval"])
+    validate_optim(config["optim"], config["train"])
+
+
+def _number(section: str, key: str, value: Any, low: float, high: float = math.inf, low_open: bool = False,
+            high_open: bool = False) -> None:
+    """Refuses a value that is not a finite real number in the given range (bools included)."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
+    if not ok:
+        interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+        raise ConfigError(f"{section}.{key} must be a finite number in {interval}, got {value!r}")
+
+
+def validate_optim(oc: Mapping[str, Any], tc: Mapping[str, Any]) -> None:
+    """Optimiser and schedule values that cannot silently train wrongly (a negative grad_clip flips gradients).
+
+    Example:
+        >>> validate_optim({**DEFAULTS["optim"], "grad_clip": -1.0}, DEFAULTS["train"])
+        Traceback (most recent call last):
+        ...
+        vfm_adapters.seg.config.ConfigError: optim.grad_clip (null = no clipping) must be a finite number in (0, inf], got -1.0
+    """
+    _number("optim", "lr", oc.get("lr"), 0.0, low_open=True)
+    _number("optim", "weight_decay", oc.get("weight_decay"), 0.0)
+    _number("optim", "backbone_lr_mult", oc.get("backbone_lr_mult"), 0.0)
+    _number("optim", "poly_power", oc.get("poly_power"), 0.0)
+    _number("optim", "min_lr", oc.get("min_lr", 0.0), 0.0, float(oc["lr"]))
+    _number("optim", "warmup_ratio", oc.get("warmup_ratio"), 0.0, 1.0)
+    betas = oc.get("betas")
+    if not isinstance(betas, (list, tuple)) or len(betas) != 2:
+        raise ConfigError(f"optim.betas must be two numbers in [0, 1), got {betas!r}")
+    for beta in betas:
+        _number("optim", "betas", beta, 0.0, 1.0, high_open=True)
+    if oc.get("grad_clip") is not None:
+        _number("optim", "grad_clip (null = no clipping)", oc["grad_clip"], 0.0, low_open=True)
+    for section, values, key, minimum in (("optim", oc, "warmup_iters", 0), ("train", tc, "log_interval", 1),
+                                          ("train", tc, "checkpoint_interval", 0), ("train", tc, "eval_interval", 0)):
+        value = values.get(key)
+        if key in values and (isinstance(value, bool) or not isinstance(value, int) or value < minimum):
+            raise ConfigError(f"{section}.{key} must be an integer >= {minimum}, got {value!r}")
+
+
+def validate_eval(ev: Mapping[str, Any]) -> None:
+    """Sliding-window sizes that cover every pixel, and a positive image limit.
+
+    Example:
+        >>> validate_eval({"crop": 256, "stride": 341})
+        Traceback (most recent call last):
+        ...
+        vfm_adapters.seg.config.ConfigError: eval.stride (341) must not exceed eval.crop (256): ...
+    """
+    crop, stride, limit = ev.get("crop"), ev.get("stride"), ev.get("limit")
+    for key, value in (("crop", crop), ("stride", stride)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"eval.{key} must be a positive integer, got {value!r}")
+    if stride > crop:
+        raise ConfigError(f"eval.stride ({stride}) must not exceed eval.crop ({crop}): pixels between windows "
+                          "would be in no window")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ConfigError(f"eval.limit must be a positive integer or null, got {limit!r}")
