@@ -1,4 +1,4 @@
-"""``vfm-adapters adapt CONFIG``: run a DACS, source-only or self-training config (``vfm-adapters configs``)."""
+"""``vfm-adapters adapt CONFIG [KEY=VALUE ...]``: run a DACS, source-only or self-training config (``vfm-adapters configs``)."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", help="a config shipped with the package by name (see 'vfm-adapters configs'), "
                                        "or a YAML/JSON file")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                        help="config overrides as dotted keys, values read as YAML, e.g. optim.lr=6e-5 "
-                             "dacs.ema_alpha=0.999 train.output_dir=runs/dacs")
+                        help="config overrides right after CONFIG (before the flags): dotted keys, values read as YAML, "
+                             "e.g. optim.lr=6e-5 dacs.ema_alpha=0.999 train.output_dir=runs/dacs")
     parser.add_argument("--iterations", type=int, default=None, help="override train.iterations")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     parser.add_argument("--overwrite", action="store_true", help="replace a run already in train.output_dir")

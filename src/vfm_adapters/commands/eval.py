@@ -22,8 +22,8 @@ HELP = "evaluate a trained segmentor (adapters + head) and print mIoU per datase
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_dir", help="directory with segmentor.json, head.safetensors and adapters/")
     parser.add_argument("overrides", nargs="*", metavar="eval.KEY=VALUE",
-                        help="overrides of the run's eval section, e.g. eval.mode=whole eval.crop=768 eval.stride=512 "
-                             "(checked like a config: the stride must not exceed the crop)")
+                        help="overrides of the run's eval section right after RUN_DIR (before the flags), e.g. eval.mode=whole "
+                             "eval.crop=768 eval.stride=512 (checked like a config: the stride must not exceed the crop)")
     parser.add_argument("--data", action="append", default=[], metavar="NAME=TYPE:ROOT[:SPLIT]",
                         help="a dataset to evaluate on (repeatable), e.g. citys=cityscapes:/data/cityscapes:val; "
                              "default: data.val of the run's config")

@@ -1,4 +1,4 @@
-"""``vfm-adapters train CONFIG``: train adapters + a segmentation head from a YAML/JSON config.
+"""``vfm-adapters train CONFIG [KEY=VALUE ...]``: train adapters + a segmentation head from a YAML/JSON config.
 
 Works unchanged under ``accelerate launch`` (multi-GPU data parallel, bf16 on CUDA).
 See :mod:`vfm_adapters.seg.training` for the config reference and
@@ -19,8 +19,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", help="a config shipped with the package by name (see 'vfm-adapters configs'), "
                                        "or a YAML/JSON file")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                        help="config overrides as dotted keys, values read as YAML, e.g. optim.lr=2e-4 "
-                             "train.batch_size=8 model.method_options.rein.token_length=50")
+                        help="config overrides right after CONFIG (before the flags): dotted keys, values read as YAML, "
+                             "e.g. optim.lr=2e-4 train.batch_size=8 model.method_options.rein.token_length=50")
     parser.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/checkpoint.pt if present")
     parser.add_argument("--overwrite", action="store_true",
                         help="start from scratch even if OUTPUT_DIR already holds a run (its files are replaced)")
