@@ -144,8 +144,10 @@ def test_adaptation_config_uses_the_same_checks(tmp_path, capsys):
     for raw, overrides, message in (
         ({"dacs": {"treshold": 0.9}}, [], "dacs.treshold: unknown key"),
         ({}, ["self_training.ema_intervall=3"], "self_training.ema_intervall: unknown key; did you mean ema_interval?"),
-        ({"data": {"source": [{"type": "gta5", "rot": "x"}]}}, [], "data.source[0].rot: unknown key for a gta5 dataset; did you mean root?"),
-        ({"data": {"rare_class_sampling": {"temprature": 0.1}}}, [], "data.rare_class_sampling.temprature: unknown key; did you mean temperature?"),
+        ({"data": {"source": [{"type": "gta5", "rot": "x"}]}}, [],
+         "data.source[0].rot: unknown key for a gta5 dataset; did you mean root?"),
+        ({"data": {"rare_class_sampling": {"temprature": 0.1}}}, [],
+         "data.rare_class_sampling.temprature: unknown key; did you mean temperature?"),
         ({}, ["optim.lr=1e-3x"], "optim.lr: expected a number, got '1e-3x'"),
         ({}, ["model.method_options.rein.token_lenght=5"], "did you mean token_length?"),
         ({"recipe": "dcas"}, [], "recipe: unknown recipe 'dcas'; did you mean dacs?"),
@@ -186,3 +188,19 @@ def test_eval_command_checks_its_overrides_with_the_same_loader(tmp_path, capsys
             _eval_config(stored, bad)
     assert main(["eval", str(tmp_path), "eval.stride=x"]) == 2  # refused before looking for a model
     assert "eval.stride: expected an integer, got 'x'" in capsys.readouterr().err
+
+
+def test_python_api_refuses_a_bad_config_before_writing_anything(tmp_path):
+    from vfm_adapters.adaptation import train_adaptation
+    from vfm_adapters.seg.training import train
+
+    run = tmp_path / "run"
+    with pytest.raises(ConfigError, match=re.escape("model.method_options.rein.token_lenght: unknown key")):
+        train(_run_config(run), overrides=["model.method_options.rein.token_lenght=5"], progress=False)
+    bad = _run_config(run)
+    bad["data"]["train"][0]["domian"] = "fog"
+    with pytest.raises(ConfigError, match=re.escape("data.train[0].domian: unknown key")):
+        train(bad, progress=False)
+    with pytest.raises(ConfigError, match=re.escape("optim.lr: expected a number, got 'fast'")):
+        train_adaptation({"train": {"output_dir": str(run)}}, overrides={"optim.lr": "fast"}, progress=False)
+    assert not run.exists()

@@ -436,7 +436,8 @@ def load_adaptation_checkpoint(path: str | os.PathLike, trainer: Any, config: Ma
 def train_adaptation(config: str | os.PathLike | Mapping[str, Any], iterations: int | None = None,
                      log: Callable[[str], None] | None = print, device: str | None = None,
                      overwrite: bool = False, resume: bool = False, stop_after: int | None = None,
-                     progress: bool = True) -> dict[str, Any]:
+                     progress: bool = True,
+                     overrides: Iterable[str | tuple[str, Any]] | Mapping[str, Any] = ()) -> dict[str, Any]:
     """Runs a DACS or self-training config; returns ``{"step", "loss", "results", "output_dir", "model", "trainer"}``.
 
     Saves the student at the end (``save_segmentor`` layout for a ViT segmentor, the
@@ -457,8 +458,11 @@ def train_adaptation(config: str | os.PathLike | Mapping[str, Any], iterations: 
             uninterrupted one.
         stop_after: Stop (after checkpointing) once this many steps ran in this call.
         progress: Show a tqdm progress bar.
+        overrides: ``key=value`` strings (``"optim.lr=6e-5"``) or a ``{dotted key: value}``
+            mapping applied before the config is validated (``iterations`` comes after them).
     """
-    config = load_adaptation_config(config, {} if iterations is None else {"train.iterations": iterations})
+    config = load_adaptation_config(config, [*seg_config.parse_overrides(overrides),
+                                             *([("train.iterations", iterations)] if iterations is not None else [])])
     tc, dc, mc = config["train"], config["data"], config["model"]
     output_dir = Path(tc["output_dir"])
     # the same guard as train and demo; the old run is moved aside only once the new one is ready to start

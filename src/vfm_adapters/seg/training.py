@@ -90,7 +90,7 @@ import random
 import time
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 import torch
@@ -594,7 +594,7 @@ def evaluate_sets(model: Segmentor, config: Mapping[str, Any], sets: Mapping[str
 
 def train(config: str | os.PathLike | Mapping[str, Any], resume: bool = False, stop_after: int | None = None,
           progress: bool = True, log: Callable[[str], None] | None = None, evaluate_at_end: bool = True,
-          overwrite: bool = False) -> dict[str, Any]:
+          overwrite: bool = False, overrides: Iterable[str | tuple[str, Any]] | Mapping[str, Any] = ()) -> dict[str, Any]:
     """Trains a segmentor from a config; returns ``{"step", "loss", "results", "output_dir", "seconds"}``.
 
     Args:
@@ -608,10 +608,12 @@ def train(config: str | os.PathLike | Mapping[str, Any], resume: bool = False, s
         overwrite: Start from scratch even if ``output_dir`` already holds a run. Without
             it (and without ``resume``) such a directory is refused, so an earlier run's
             checkpoint and weights are never silently replaced.
+        overrides: ``key=value`` strings (``"optim.lr=2e-4"``) or a ``{dotted key: value}``
+            mapping applied to the config before it is validated (:func:`~vfm_adapters.seg.config.load_config`).
     """
     from tqdm.auto import tqdm
 
-    config = load_config(config)
+    config = load_config(config, overrides)
     tc, oc, dc, mc = config["train"], config["optim"], config["data"], config["model"]
     output_dir = Path(tc["output_dir"])
     # refuse early; the old run is moved aside (overwrite) only once everything else checked out
