@@ -38,6 +38,7 @@ def _run_config(output) -> dict:
     ({"data": {"train": [{"root": "x"}]}}, "data.train[0].type: missing"),
     ({"model": {"method_options": {"rien": {}}}}, "model.method_options.rien: unknown method; did you mean rein?"),
     ({"model": {"methods": ["rein", "lroa"]}}, "model.methods[1]: unknown method 'lroa'; did you mean lora?"),
+    ({"model": {"method_options": {"freeze": {"rank": 2}}}}, "model.method_options.freeze: 'freeze' injects no adapter"),
     ({"optim": {"lrr": 1e-3}}, "optim.lrr: unknown key; did you mean lr?"),
     ({"trian": {}}, "trian: unknown config section; did you mean train?"),
 ])

@@ -83,6 +83,9 @@ NULLABLE_TYPES: dict[str, type] = {
     "train.total_batch_size": int, "eval.limit": int,
 }
 
+#: ``model.methods`` names that inject nothing: a frozen host, full fine-tuning.
+PSEUDO_METHODS = ("freeze", "full", "none")
+
 #: Keys of a dataset entry that every reader accepts (the loops read them, not the reader).
 DATASET_COMMON_KEYS = ("type", "name", "weight", "resize", "scale")
 
@@ -137,7 +140,7 @@ def check_methods(path: str, value: Any) -> list[str]:
         raise ConfigError(f"{path}: expected a list of method names, got {value!r}")
     from ..methods.base import available_methods
 
-    accepted = set(available_methods()) | {"freeze", "full", "none"}
+    accepted = set(available_methods()) | set(PSEUDO_METHODS)
     for i, name in enumerate(value):
         if name not in accepted:
             raise unknown_key_error(f"{path}[{i}]", name, accepted, f"unknown method {name!r}")
@@ -160,12 +163,17 @@ def check_method_options(path: str, value: Any) -> dict[str, dict[str, Any]]:
         raise ConfigError(f"{path}: expected a mapping method -> options, e.g. {{rein: {{token_length: 100}}}}")
     from ..methods.base import available_methods
 
+    from ..methods.base import get_method
+
     out = {}
     for name, options in value.items():
+        if name in PSEUDO_METHODS:  # no adapter, so no options (an empty entry is harmless)
+            if options:
+                raise ConfigError(f"{path}.{name}: '{name}' injects no adapter and takes no options, got {options!r}")
+            out[name] = {}
+            continue
         if name not in available_methods():
             raise unknown_key_error(f"{path}.{name}", name, available_methods(), "unknown method")
-        from ..methods.base import get_method
-
         out[name] = dataclass_options(f"{path}.{name}", get_method(name).config_class, options)
     return out
 
