@@ -1,0 +1,64 @@
+"""Methods reach other methods and hosts through public seams only (issue 14, item 4)."""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+from safetensors.torch import load_file
+
+import vfm_adapters as va
+import vfm_adapters.methods as methods
+from vfm_adapters.checkpoint import WEIGHTS_NAME
+from vfm_adapters.methods import domain_rein, domino
+from vfm_adapters.methods.rein import rein_blocks
+
+from model_zoo import make_model, sample_images, token_output
+
+
+def test_domain_rein_keeps_every_import_path():
+    for name in ("DomainReinConfig", "DomainReinShift", "inject_domain_rein"):
+        assert getattr(domino, name) is getattr(domain_rein, name)
+    assert methods.inject_domain_rein is domain_rein.inject_domain_rein
+    assert methods.DomainReinConfig is domain_rein.DomainReinConfig
+    assert va.inject_domain_rein is domain_rein.inject_domain_rein
+
+
+def test_domain_rein_uses_no_private_part_of_rein():
+    source = inspect.getsource(domain_rein)
+    assert "._token_shift" not in source and ".extra" not in source
+
+
+def test_rein_token_shift_is_a_public_hook(tiny_vit):
+    x = torch.randn(2, 3, 56, 56)
+    va.inject_rein(tiny_vit, token_length=4, rank=2)
+    rein = tiny_vit.vfm_adapters["rein"]
+    with torch.no_grad():
+        rein.scale.fill_(1.0)
+    plain = token_output(tiny_vit, x)
+    assert rein.token_shift is None
+    rein.set_token_shift(lambda layer: torch.ones(2, 1, rein.embed_dim))
+    assert not torch.allclose(token_output(tiny_vit, x), plain)
+    rein.set_token_shift(None)
+    assert rein.token_shift is None
+    torch.testing.assert_close(token_output(tiny_vit, x), plain)
+
+
+def test_rein_blocks_names_the_refined_blocks():
+    vit, _ = make_model("timm_dinov2")
+    depth = len(vit.blocks)
+    assert rein_blocks(va.inject_rein(vit, token_length=4, rank=2, layers=[0, -1])) == [0, depth - 1]
+
+
+def test_domain_rein_checkpoint_keys_and_name_are_unchanged(tmp_path):
+    vit, size = make_model("timm_dinov2")
+    va.inject_rein(vit, token_length=4, rank=2)
+    va.inject_domain_rein(vit, embed_dim=6)
+    va.save_adapters(vit, tmp_path)
+    keys = {key for key in load_file(tmp_path / WEIGHTS_NAME) if "domain_rein" in key}
+    assert keys == {"domain_rein.projection.weight", "domain_rein.projection.bias"}
+    fresh, _ = make_model("timm_dinov2")
+    va.load_adapters(fresh, tmp_path)
+    assert va.injected_methods(fresh) == ["rein", "domain_rein"]
+    va.set_domain_embedding(fresh, torch.randn(2, 6))
+    assert token_output(fresh, sample_images(size)).isfinite().all()
