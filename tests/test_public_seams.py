@@ -62,3 +62,26 @@ def test_domain_rein_checkpoint_keys_and_name_are_unchanged(tmp_path):
     assert va.injected_methods(fresh) == ["rein", "domain_rein"]
     va.set_domain_embedding(fresh, torch.randn(2, 6))
     assert token_output(fresh, sample_images(size)).isfinite().all()
+
+
+def test_the_host_description_says_which_attention_reads_qkv_weight_directly():
+    from vfm_adapters.hosts import describe_host
+
+    fused, _ = make_model("timm_eva02_fused_qkv")
+    assert describe_host(fused).parts.direct_weight_reads == ("qkv",)
+    fused.blocks[0].attn.qkv_bias_separate = True  # then EvaAttention calls the qkv layer
+    assert describe_host(fused).parts.direct_weight_reads == ()
+    for family in ("timm_eva02", "timm_dinov2", "hf_dinov2", "timm_sam"):
+        assert describe_host(make_model(family)[0]).parts.direct_weight_reads == (), family
+
+
+def test_lora_reads_the_host_description_not_the_attention_source():
+    import vfm_adapters.methods.lora as lora
+
+    assert "getsource" not in inspect.getsource(lora)
+    from vfm_adapters.methods.base import injection_state
+
+    model, _ = make_model("timm_eva02_fused_qkv")
+    model.blocks[0].attn.qkv_bias_separate = True
+    va.inject_lora(model)  # the qkv layer is called now: the wrapper's forward is enough
+    assert injection_state(model).attachments["lora"].extra["direct_weight_blocks"] == []

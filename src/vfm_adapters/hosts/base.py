@@ -51,6 +51,11 @@ class BlockParts:
         qkv: A fused query/key/value ``nn.Linear``, or ``None``.
         q: Separate query projection, or ``None`` (likewise ``k`` and ``v``).
         attention: The attention module (holds ``qkv`` or ``q``/``k``/``v``).
+        direct_weight_reads: The projections (``"qkv"``, ``"q"``, ``"k"``, ``"v"``) whose
+            ``weight`` the attention reads itself (``F.linear(x, self.qkv.weight, bias)``,
+            timm EVA02 with fused qkv and q/v biases) instead of calling the layer: a
+            wrapper's ``forward`` never runs there, so a method that wraps the layer
+            (LoRA) must act through its ``weight``.
     """
 
     mlp: str | None = None
@@ -60,6 +65,7 @@ class BlockParts:
     k: str | None = None
     v: str | None = None
     attention: str | None = None
+    direct_weight_reads: tuple[str, ...] = ()
 
 
 @dataclass
@@ -118,7 +124,7 @@ class HostSpec:
         if path is None:
             raise UnsupportedModelError(
                 f"host family {self.family!r} does not expose a block part {part!r}; "
-                f"it exposes: {', '.join(k for k, v in vars(self.parts).items() if v)}"
+                f"it exposes: {', '.join(k for k, v in vars(self.parts).items() if isinstance(v, str))}"
             )
         return block.get_submodule(path)
 
