@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import inspect
+import re
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -85,3 +87,34 @@ def test_lora_reads_the_host_description_not_the_attention_source():
     model.blocks[0].attn.qkv_bias_separate = True
     va.inject_lora(model)  # the qkv layer is called now: the wrapper's forward is enough
     assert injection_state(model).attachments["lora"].extra["direct_weight_blocks"] == []
+
+
+def test_resolve_blocks_is_the_one_range_check(tiny_vit):
+    from vfm_adapters.hosts import describe_host
+    from vfm_adapters.seg.features import BackboneFeatures
+
+    host = describe_host(tiny_vit)
+    assert host.resolve_blocks([-1, 0, -4]) == [3, 0, 0]
+    for bad in ([4], [-5]):
+        with pytest.raises(ValueError, match=re.escape(f"{bad} out of range: the host has 4 blocks")):
+            host.resolve_blocks(bad)
+    with pytest.raises(ValueError, match=r"feature layers \[7\] out of range"):
+        BackboneFeatures(tiny_vit, layers=[7])
+    assert BackboneFeatures(tiny_vit, layers=[-1, 1]).layers == [3, 1]
+    with pytest.raises(va.AdapterError, match=r"ReinConfig.layers \[-5\] out of range"):
+        va.inject_rein(tiny_vit, layers=[-5])
+
+
+def test_split_and_join_prefix_round_trip_and_refuse_other_layouts(tiny_vit):
+    from vfm_adapters.hosts import describe_host
+
+    host = describe_host(tiny_vit)  # DINOv2-style: one CLS token
+    hidden = torch.randn(2, 1 + 16, 64)
+    prefix, patches = host.split_prefix(hidden)
+    assert prefix.shape == (2, 1, 64) and torch.equal(patches, hidden[:, 1:])
+    assert torch.equal(host.join_prefix(prefix, patches), hidden)
+    with pytest.raises(ValueError, match="1 prefix tokens; got 2"):
+        host.join_prefix(hidden[:, :2], patches)
+    sam, _ = make_model("timm_sam")
+    with pytest.raises(ValueError, match="layout 'BHWC'"):
+        describe_host(sam).split_prefix(torch.zeros(1, 4, 4, 8))

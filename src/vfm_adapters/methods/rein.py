@@ -89,11 +89,10 @@ class ReinConfig(MethodConfig):
             if not host.global_blocks:
                 raise AdapterError(f"layers='global' needs a windowed host such as SAM; {host.family} has no global blocks")
             return list(host.global_blocks)
-        indices = [i + host.depth if i < 0 else i for i in self.layers]
-        bad = [i for i, j in zip(self.layers, indices) if not 0 <= j < host.depth]
-        if bad:
-            raise AdapterError(f"ReinConfig.layers {bad} out of range: the host has {host.depth} blocks (0..{host.depth - 1})")
-        return indices
+        try:
+            return host.resolve_blocks(self.layers, "ReinConfig.layers")
+        except ValueError as error:
+            raise AdapterError(str(error)) from None
 
 
 def rein_init_bound(patch_size: int, embed_dim: int, rank: int | None) -> float:
