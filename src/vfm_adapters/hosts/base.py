@@ -250,9 +250,3 @@ def module_names(model: nn.Module, container: nn.Module) -> list[str]:
     prefix = next(name for name, module in model.named_modules() if module is container)
     return [f"{prefix}.{child}" if prefix else child for child, _ in container.named_children()]
 
-
-def first_parameter(model: nn.Module) -> torch.Tensor:
-    try:
-        return next(model.parameters())
-    except StopIteration as error:
-        raise UnsupportedModelError(f"{type(model).__name__} has no parameters") from error

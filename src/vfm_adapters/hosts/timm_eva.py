@@ -38,6 +38,6 @@ def _describe(model: nn.Module) -> HostSpec:
     )
 
 
-FAMILY = register_host(
+register_host(
     HostFamily("timm.Eva", _matches, _describe, example='timm.create_model("eva02_large_patch14_224.mim_in22k")')
 )
