@@ -118,3 +118,13 @@ def test_split_and_join_prefix_round_trip_and_refuse_other_layouts(tiny_vit):
     sam, _ = make_model("timm_sam")
     with pytest.raises(ValueError, match="layout 'BHWC'"):
         describe_host(sam).split_prefix(torch.zeros(1, 4, 4, 8))
+
+
+def test_stage_wise_rein_asks_the_kernels_public_capability_query():
+    import vfm_adapters.methods.rein_stages as rein_stages
+
+    assert "triton_rein" not in inspect.getsource(rein_stages)
+    model, _ = make_model("timm_convnext")  # stage widths 8, 16, 32, 64
+    with pytest.raises(va.AdapterError, match="the width must be a multiple of 16, got 8; .*widths \\[8, 16, 32, 64\\]"):
+        va.inject_rein(model, kernel="triton")
+    assert not hasattr(model, "vfm_adapters")
