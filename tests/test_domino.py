@@ -504,7 +504,7 @@ def test_domain_rein_conditions_rein_tokens(tmp_path):
 
     va.inject_domain_rein(vit, embed_dim=6, mode="sub")
     shift = vit.vfm_adapters["domain_rein"]
-    assert isinstance(shift, DomainReinShift) and rein._token_shift.__self__ is shift
+    assert isinstance(shift, DomainReinShift) and rein.token_shift.__self__ is shift
     with pytest.raises(va.AdapterError, match="no domain embedding"):
         token_output(vit, x)
     w = torch.randn(2, 6)
@@ -532,7 +532,7 @@ def test_domain_rein_conditions_rein_tokens(tmp_path):
     assert torch.equal(token_output(fresh, x), conditioned.detach())
 
     va.remove_adapters(vit, "domain_rein")
-    assert rein._token_shift is None
+    assert rein.token_shift is None
     torch.testing.assert_close(token_output(vit, x), rein_only)
 
     va.inject_domain_rein(vit, embed_dim=6, mode="add")

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from vfm_adapters.seg import datasets as D
-from vfm_adapters.seg._png import decode_png_numpy, read_png, write_png16
+from vfm_adapters.seg._png import read_png, write_png16
 from vfm_adapters.seg.sampling import AugmentedStream, StreamSampler, mix_datasets, source_schedule
 from vfm_adapters.seg.synthetic import SyntheticScenes
 
@@ -118,10 +118,12 @@ def test_pillow_truncates_16bit_rgb_so_a_decoder_is_needed(tmp_path):
 
 
 @pytest.mark.parametrize("filters", [(0,), (1,), (2,), (3,), (4,), (0, 1, 2, 3, 4)])
-def test_numpy_png_decoder_handles_every_filter(tmp_path, filters):
-    values = RNG.integers(0, 65536, (7, 6, 3)).astype(np.uint16)
+@pytest.mark.parametrize("channels", [3, 4])
+def test_16bit_png_decoder_handles_every_filter(tmp_path, filters, channels):
+    values = RNG.integers(0, 65536, (7, 6, channels)).astype(np.uint16)
     write_png16(tmp_path / "f.png", values, filters=filters)
-    assert np.array_equal(decode_png_numpy(tmp_path / "f.png"), values)
+    decoded = read_png(tmp_path / "f.png")
+    assert decoded.dtype == np.uint16 and np.array_equal(decoded, values)
 
 
 def test_synthia_reads_class_from_red_channel(tmp_path):

@@ -458,13 +458,13 @@ def test_a_fifo_named_like_an_image_is_skipped_or_refused_never_read(tmp_path):
 def test_the_16bit_png_path_applies_the_decompression_bomb_limit(tmp_path, monkeypatch):
     from PIL import Image
 
-    from vfm_adapters.seg._png import decode_png_numpy, read_png, write_png16
+    from vfm_adapters.seg._png import read_png, write_png16
     from vfm_adapters.seg.datasets import read_label
 
     path = tmp_path / "label.png"
     write_png16(path, np.zeros((40, 50, 3), np.uint16))  # 2000 pixels
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 999)
-    for reader in (read_png, decode_png_numpy, read_label):
+    for reader in (read_png, read_label):
         with pytest.raises(Image.DecompressionBombError, match="label.png"):
             reader(path)
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1500)

@@ -9,10 +9,10 @@ to. Methods read a ``HostSpec``; they never import timm or transformers.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Literal
+from typing import Callable, Literal, Sequence
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 TokenLayout = Literal["BNC", "BHWC", "NCHW"]
 
@@ -51,6 +51,11 @@ class BlockParts:
         qkv: A fused query/key/value ``nn.Linear``, or ``None``.
         q: Separate query projection, or ``None`` (likewise ``k`` and ``v``).
         attention: The attention module (holds ``qkv`` or ``q``/``k``/``v``).
+        direct_weight_reads: The projections (``"qkv"``, ``"q"``, ``"k"``, ``"v"``) whose
+            ``weight`` the attention reads itself (``F.linear(x, self.qkv.weight, bias)``,
+            timm EVA02 with fused qkv and q/v biases) instead of calling the layer: a
+            wrapper's ``forward`` never runs there, so a method that wraps the layer
+            (LoRA) must act through its ``weight``.
     """
 
     mlp: str | None = None
@@ -60,6 +65,7 @@ class BlockParts:
     k: str | None = None
     v: str | None = None
     attention: str | None = None
+    direct_weight_reads: tuple[str, ...] = ()
 
 
 @dataclass
@@ -112,13 +118,71 @@ class HostSpec:
     def blocks(self, model: nn.Module) -> list[nn.Module]:
         return [model.get_submodule(name) for name in self.block_names]
 
+    def resolve_blocks(self, indices: Sequence[int], what: str = "block indices") -> list[int]:
+        """Block indices with negative ones counted from the end (``-1`` is the last block).
+
+        The one place block indices given by a user (Rein's ``layers``, the feature
+        layers of a segmentor) are range-checked, as timm's ``feature_take_indices``.
+
+        Raises:
+            ValueError: an index is outside ``-depth..depth - 1``; ``what`` names the option.
+
+        Example:
+            >>> spec = HostSpec("toy", [f"blocks.{i}" for i in range(4)], 8, 1, 14)
+            >>> spec.resolve_blocks([0, -1])
+            [0, 3]
+            >>> spec.resolve_blocks([4], "layers")
+            Traceback (most recent call last):
+            ...
+            ValueError: layers [4] out of range: the host has 4 blocks (0..3, or -4..-1 from the end)
+        """
+        resolved = [i + self.depth if i < 0 else i for i in indices]
+        bad = [i for i, j in zip(indices, resolved) if not 0 <= j < self.depth]
+        if bad:
+            raise ValueError(
+                f"{what} {bad} out of range: the host has {self.depth} blocks "
+                f"(0..{self.depth - 1}, or -{self.depth}..-1 from the end)"
+            )
+        return resolved
+
+    def split_prefix(self, hidden: Tensor) -> tuple[Tensor, Tensor]:
+        """``(prefix, patches)`` of a (B, N, C) token sequence: CLS/register tokens, then the rest.
+
+        Example:
+            >>> spec = HostSpec("toy", ["b"], 8, 2, 14)
+            >>> prefix, patches = spec.split_prefix(torch.zeros(3, 2 + 16, 8))
+            >>> tuple(prefix.shape), tuple(patches.shape)
+            ((3, 2, 8), (3, 16, 8))
+        """
+        if self.layout != "BNC" or hidden.ndim != 3:
+            raise ValueError(
+                f"split_prefix takes a (B, N, C) token sequence of a host with layout 'BNC'; host {self.family!r} "
+                f"has layout {self.layout!r} and the tensor has shape {tuple(hidden.shape)}"
+            )
+        return hidden[:, : self.num_prefix_tokens], hidden[:, self.num_prefix_tokens :]
+
+    def join_prefix(self, prefix: Tensor, patches: Tensor) -> Tensor:
+        """The inverse of :meth:`split_prefix`: ``prefix`` tokens, then ``patches``, along dim 1.
+
+        Example:
+            >>> spec = HostSpec("toy", ["b"], 8, 1, 14)
+            >>> hidden = torch.randn(2, 1 + 4, 8)
+            >>> torch.equal(spec.join_prefix(*spec.split_prefix(hidden)), hidden)
+            True
+        """
+        if prefix.shape[1] != self.num_prefix_tokens:
+            raise ValueError(
+                f"host {self.family!r} has {self.num_prefix_tokens} prefix tokens; got {prefix.shape[1]}"
+            )
+        return torch.cat([prefix, patches], dim=1)
+
     def block_part(self, block: nn.Module, part: str) -> nn.Module:
         """Returns the named part of ``block``, or raises a clear error if the host has none."""
         path = getattr(self.parts, part)
         if path is None:
             raise UnsupportedModelError(
                 f"host family {self.family!r} does not expose a block part {part!r}; "
-                f"it exposes: {', '.join(k for k, v in vars(self.parts).items() if v)}"
+                f"it exposes: {', '.join(k for k, v in vars(self.parts).items() if isinstance(v, str))}"
             )
         return block.get_submodule(path)
 
@@ -186,9 +250,3 @@ def module_names(model: nn.Module, container: nn.Module) -> list[str]:
     prefix = next(name for name, module in model.named_modules() if module is container)
     return [f"{prefix}.{child}" if prefix else child for child, _ in container.named_children()]
 
-
-def first_parameter(model: nn.Module) -> torch.Tensor:
-    try:
-        return next(model.parameters())
-    except StopIteration as error:
-        raise UnsupportedModelError(f"{type(model).__name__} has no parameters") from error

@@ -7,21 +7,37 @@ import sys
 
 from torch import nn
 
+from .._registry import duplicate_name_error
 from .base import HostFamily, HostSpec, UnsupportedModelError
 
 _FAMILIES: list[HostFamily] = []
 
 
-def register_host(family: HostFamily) -> HostFamily:
+def register_host(family: HostFamily, *, replace: bool = False) -> HostFamily:
     """Adds a model family; families registered later are tried first.
+
+    A family name that is already registered is refused (saved checkpoints record the
+    family name); ``replace=True`` drops the old family and tries the new one first.
+
+    Raises:
+        DuplicateNameError: ``family.name`` is taken and ``replace`` is False.
 
     Example:
         >>> from vfm_adapters.hosts import HostFamily, register_host, supported_families
         >>> fam = HostFamily("toy", matches=lambda m: False, describe=lambda m: None)
         >>> _ = register_host(fam); "toy" in supported_families()
         True
+        >>> register_host(fam)
+        Traceback (most recent call last):
+        ...
+        vfm_adapters._registry.DuplicateNameError: host family 'toy' is already registered (HostFamily); pass replace=True to replace it
         >>> unregister_host("toy")
     """
+    existing = next((item for item in _FAMILIES if item.name == family.name), None)
+    if existing is not None:
+        if not replace:
+            raise duplicate_name_error("host family", family.name, existing)
+        unregister_host(family.name)
     _FAMILIES.insert(0, family)
     return family
 

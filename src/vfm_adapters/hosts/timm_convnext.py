@@ -36,4 +36,4 @@ def _describe(model: nn.Module) -> HostSpec:
     return stage_spec(NAME, stages, layout="NCHW", parts=parts)
 
 
-FAMILY = register_host(HostFamily(NAME, _matches, _describe, example='timm.create_model("convnext_large")'))
+register_host(HostFamily(NAME, _matches, _describe, example='timm.create_model("convnext_large")'))

@@ -36,4 +36,4 @@ def _describe(model: nn.Module) -> HostSpec:
     return stage_spec(NAME, stages, layout="BHWC", parts=parts)
 
 
-FAMILY = register_host(HostFamily(NAME, _matches, _describe, example='timm.create_model("sam2_hiera_large")'))
+register_host(HostFamily(NAME, _matches, _describe, example='timm.create_model("sam2_hiera_large")'))

@@ -32,4 +32,4 @@ def _describe(model: nn.Module) -> HostSpec:
     return stage_spec(NAME, stages, layout="NCHW")
 
 
-FAMILY = register_host(HostFamily(NAME, _matches, _describe, example='timm.create_model("resnet50c")'))
+register_host(HostFamily(NAME, _matches, _describe, example='timm.create_model("resnet50c")'))

@@ -31,6 +31,6 @@ def _describe(model: nn.Module) -> HostSpec:
     )
 
 
-FAMILY = register_host(
+register_host(
     HostFamily("timm.VisionTransformerSAM", _matches, _describe, example='timm.create_model("samvit_huge_patch16")')
 )

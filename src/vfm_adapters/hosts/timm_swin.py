@@ -30,6 +30,6 @@ def _describe(model: nn.Module) -> HostSpec:
     return stage_spec(NAME, stages, layout="BHWC", parts=parts)
 
 
-FAMILY = register_host(
+register_host(
     HostFamily(NAME, _matches, _describe, example='timm.create_model("swin_base_patch4_window7_224")')
 )

@@ -29,7 +29,7 @@ def _describe(model: nn.Module) -> HostSpec:
     )
 
 
-FAMILY = register_host(
+register_host(
     HostFamily(
         "timm.VisionTransformer", _matches, _describe,
         example='timm.create_model("vit_large_patch14_dinov2.lvd142m")',

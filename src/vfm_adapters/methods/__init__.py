@@ -13,11 +13,12 @@ from .base import (
     register_method,
     remove_adapters,
 )
-from .rein import Rein, ReinConfig, rein_queries
+from .rein import Rein, ReinConfig, rein_blocks, rein_queries
 from .lora import LoRAConfig, inject_lora, lora_layers, merge_lora, save_lora_for_peft, unmerge_lora
 from .vpt import VisualPrompts, VPTConfig, inject_vpt
 from .adaptformer import AdaptFormer, AdaptFormerConfig, inject_adaptformer
-from .domino import DomainReinConfig, DominoConfig, DominoNorm, inject_domain_rein, inject_domino, set_domain_embedding
+from .domain_rein import DomainReinConfig, inject_domain_rein
+from .domino import DominoConfig, DominoNorm, inject_domino, set_domain_embedding
 
 __all__ = [
     "adapter_parameters",
@@ -44,6 +45,7 @@ __all__ = [
     "MethodConfig",
     "register_method",
     "Rein",
+    "rein_blocks",
     "rein_queries",
     "ReinConfig",
     "remove_adapters",

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from ..hosts import HostSpec, describe_host
+from .._registry import DuplicateNameError, Registry  # noqa: F401  (DuplicateNameError: documented error of register_method)
 
 ADAPTERS_ATTRIBUTE = "vfm_adapters"
 STATE_ATTRIBUTE = "_vfm_adapters_state"
@@ -185,12 +186,26 @@ class AdapterMethod:
         attachment.module.load_state_dict(tensors, strict=True)
 
 
-_METHODS: dict[str, AdapterMethod] = {}
+_METHODS: Registry[AdapterMethod] = Registry("adapter method")
 
 
-def register_method(method: AdapterMethod) -> AdapterMethod:
-    _METHODS[method.name] = method
-    return method
+def register_method(method: AdapterMethod, *, replace: bool = False) -> AdapterMethod:
+    """Makes ``method`` available by its ``name`` (in configs, checkpoints, :func:`get_method`).
+
+    A name that is already registered is refused, so a plugin cannot silently change
+    what a saved checkpoint's method name means; ``replace=True`` replaces it on purpose.
+
+    Raises:
+        DuplicateNameError: ``method.name`` is taken and ``replace`` is False.
+
+    Example:
+        >>> from vfm_adapters.methods.rein import ReinMethod
+        >>> register_method(ReinMethod())
+        Traceback (most recent call last):
+        ...
+        vfm_adapters._registry.DuplicateNameError: adapter method 'rein' is already registered (ReinMethod); pass replace=True to replace it
+    """
+    return _METHODS.register(method.name, method, replace=replace)
 
 
 def get_method(name: str) -> AdapterMethod:

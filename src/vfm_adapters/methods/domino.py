@@ -17,10 +17,10 @@ and bias, so a freshly injected model computes what it computed before.
 Two methods are registered:
 
 * ``"domino"`` (:func:`inject_domino`): the paper's layer, on any module (host-less).
-* ``"domain_rein"`` (:func:`inject_domain_rein`): this library's extension, off by
-  default: Rein's tokens are shifted per image by ``+/- P W`` with a learned,
-  zero-initialised projection ``P`` (the paper's Add/Sub conditioning, applied to Rein's
-  tokens instead of a diffusion model's prompts).
+* ``"domain_rein"`` (:func:`inject_domain_rein`, in :mod:`.domain_rein`, re-exported
+  here): this library's extension, off by default: Rein's tokens are shifted per image
+  by ``+/- P W`` with a learned, zero-initialised projection ``P`` (the paper's Add/Sub
+  conditioning, applied to Rein's tokens instead of a diffusion model's prompts).
 
 :func:`set_domain_embedding` hands both the batch's ``W`` before the forward pass.
 """
@@ -36,8 +36,9 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .base import AdapterError, AdapterMethod, Attachment, MethodConfig, inject, injection_state, register_method
-from .rein import Rein
+from ._conditioning import checked_embedding, positive_int
+from .base import AdapterError, AdapterMethod, Attachment, MethodConfig, inject, register_method
+from .domain_rein import DomainReinConfig, DomainReinShift, inject_domain_rein  # noqa: F401  (re-exported: their import path before domain_rein.py)
 
 __all__ = [
     "DomainReinShift",
@@ -61,11 +62,6 @@ NORM_TYPES: dict[str, type[nn.Module]] = {
     "GroupNorm": nn.GroupNorm,
     "LayerNorm": nn.LayerNorm,
 }
-
-
-def _positive_int(owner: str, name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{owner}.{name} must be a positive integer, got {value!r}")
 
 
 def _norm_type_names(types: Iterable[str | type[nn.Module]]) -> tuple[str, ...]:
@@ -99,8 +95,8 @@ class DominoConfig(MethodConfig):
     types: Sequence[str] = tuple(NORM_TYPES)
 
     def __post_init__(self) -> None:
-        _positive_int("DominoConfig", "embed_dim", self.embed_dim)
-        _positive_int("DominoConfig", "hidden_dim", self.hidden_dim)
+        positive_int("DominoConfig", "embed_dim", self.embed_dim)
+        positive_int("DominoConfig", "hidden_dim", self.hidden_dim)
         self.types = _norm_type_names(self.types)
 
 
@@ -130,8 +126,8 @@ class DominoNorm(nn.Module):
 
     def __init__(self, norm: nn.Module, embed_dim: int, hidden_dim: int = 128) -> None:
         super().__init__()
-        _positive_int("DominoNorm", "embed_dim", embed_dim)
-        _positive_int("DominoNorm", "hidden_dim", hidden_dim)
+        positive_int("DominoNorm", "embed_dim", embed_dim)
+        positive_int("DominoNorm", "hidden_dim", hidden_dim)
         if type(norm) not in NORM_TYPES.values():
             raise AdapterError(f"DominoNorm replaces {sorted(NORM_TYPES)}, not {type(norm).__name__}")
         if isinstance(norm, _BatchNorm):
@@ -180,7 +176,7 @@ class DominoNorm(nn.Module):
 
     def set_domain_embedding(self, embedding: Tensor | None) -> None:
         """Sets the batch's domain embedding ``W`` (B, d) or (d,) for all images; ``None`` clears it."""
-        self._domain_embedding = _checked_embedding(embedding, self.embed_dim, type(self).__name__)
+        self._domain_embedding = checked_embedding(embedding, self.embed_dim, type(self).__name__)
 
     def modulation(self, embedding: Tensor) -> tuple[Tensor, Tensor]:
         """``(gamma(W), mu(W))``, each (B, C) (C: the flattened channel shape)."""
@@ -225,19 +221,6 @@ class DominoNorm(nn.Module):
 
     def extra_repr(self) -> str:
         return f"kind={self.kind}, features={self.num_features}, embed_dim={self.embed_dim}, hidden_dim={self.hidden_dim}"
-
-
-def _checked_embedding(embedding: Tensor | None, width: int, owner: str) -> Tensor | None:
-    if embedding is None:
-        return None
-    if not isinstance(embedding, Tensor):
-        raise AdapterError(f"the domain embedding must be a tensor (B, d), got {type(embedding).__name__}")
-    if embedding.ndim not in (1, 2) or embedding.shape[-1] != width:
-        raise AdapterError(
-            f"{owner} expects a domain embedding of width {width}, shape (B, {width}) or ({width},); "
-            f"got shape {tuple(embedding.shape)}"
-        )
-    return embedding
 
 
 def _find_norms(model: nn.Module, types: Sequence[str]) -> dict[int, list[str]]:
@@ -372,188 +355,6 @@ def inject_domino(
     return inject(module, "domino", config, freeze_host=freeze_host)
 
 
-# ----------------------------------------------------------------------------------------
-# domain_rein: this library's extension, Rein tokens conditioned on the domain embedding.
-
-
-@dataclass
-class DomainReinConfig(MethodConfig):
-    """Options of the domain-conditioned Rein (an extension of this library).
-
-    Attributes:
-        embed_dim: Width ``d`` of the domain embedding.
-        mode: ``"add"`` (tokens + P W) or ``"sub"`` (tokens - P W), after the paper's
-            Domino-Add / Domino-Sub.
-    """
-
-    embed_dim: int
-    mode: str = "sub"
-
-    def __post_init__(self) -> None:
-        _positive_int("DomainReinConfig", "embed_dim", self.embed_dim)
-        if self.mode not in ("add", "sub"):
-            raise ValueError(f"DomainReinConfig.mode must be 'add' or 'sub', got {self.mode!r}")
-
-
-class DomainReinShift(nn.Module):
-    """The per-image offset ``+/- P W`` of Rein's tokens, ``P`` a zero-initialised Linear(d, c).
-
-    Example:
-        >>> import torch
-        >>> shift = DomainReinShift(embed_dim=6, token_dim=4, mode="sub")
-        >>> shift.set_domain_embedding(torch.randn(3, 6))
-        >>> shift(layer=0).shape, bool(shift(layer=0).abs().sum() == 0)
-        (torch.Size([3, 1, 4]), True)
-    """
-
-    def __init__(self, embed_dim: int, token_dim: int, mode: str = "sub", device: torch.device | None = None) -> None:
-        super().__init__()
-        if mode not in ("add", "sub"):
-            raise ValueError(f"mode must be 'add' or 'sub', got {mode!r}")
-        self.embed_dim, self.token_dim, self.mode = embed_dim, token_dim, mode
-        self.projection = nn.Linear(embed_dim, token_dim, device=device)
-        nn.init.zeros_(self.projection.weight)
-        nn.init.zeros_(self.projection.bias)
-        self._domain_embedding: Tensor | None = None
-
-    def set_domain_embedding(self, embedding: Tensor | None) -> None:
-        """Sets the batch's domain embedding ``W`` (B, d) or (d,); ``None`` clears it."""
-        self._domain_embedding = _checked_embedding(embedding, self.embed_dim, "domain_rein")
-
-    def embedding(self) -> Tensor:
-        if self._domain_embedding is None:
-            raise AdapterError(
-                "domain_rein has no domain embedding: call vfm_adapters.set_domain_embedding(model, W) "
-                "with W (B, d) before the forward pass"
-            )
-        return self._domain_embedding
-
-    def forward(self, layer: int) -> Tensor:
-        """The offset (B, 1, c) added to every token of layer ``layer`` (the same for all layers)."""
-        embedding = self.embedding()
-        offset = self.projection(embedding.to(self.projection.weight.dtype))
-        if offset.ndim == 1:
-            offset = offset.unsqueeze(0)
-        offset = offset[:, None, :]
-        return offset if self.mode == "add" else -offset
-
-    def extra_repr(self) -> str:
-        return f"embed_dim={self.embed_dim}, token_dim={self.token_dim}, mode={self.mode!r}"
-
-
-def _first_tensor(args: tuple, kwargs: dict) -> Tensor | None:
-    for value in (*args, kwargs.get("hidden_states"), kwargs.get("x")):
-        if isinstance(value, Tensor):
-            return value
-    return None
-
-
-class _ClearTokenShift:
-    """Undo step: removes the token shift from a Rein (an object, see :class:`_SetChild`)."""
-
-    def __init__(self, rein: nn.Module) -> None:
-        self.rein = rein
-
-    def __call__(self) -> None:
-        self.rein.set_token_shift(None)
-
-
-class _BatchCheck:
-    """Forward pre-hook: the domain embedding's batch must match the features' batch.
-
-    Per-image tokens broadcast, so a mismatch (W of one image for a batch of two) would
-    otherwise pass silently. An object, so a deep copy checks its own embedding.
-    """
-
-    def __init__(self, shift: DomainReinShift) -> None:
-        self.shift = shift
-
-    def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        embedding = self.shift.embedding()
-        hidden = _first_tensor(args, kwargs)
-        if hidden is not None and embedding.ndim == 2 and embedding.shape[0] != hidden.shape[0]:
-            raise AdapterError(
-                f"the domain embedding is for a batch of {embedding.shape[0]} images but the model runs "
-                f"{hidden.shape[0]}: call set_domain_embedding with this batch's embeddings"
-            )
-
-
-class DomainReinMethod(AdapterMethod):
-    name = "domain_rein"
-    config_class = DomainReinConfig
-    requires = ("rein",)
-
-    def _rein(self, model: nn.Module):
-        state = injection_state(model)
-        container = getattr(model, "vfm_adapters", None)
-        if state is None or "rein" not in state.configs or container is None or "rein" not in container:
-            raise AdapterError(
-                "domain_rein conditions Rein's tokens and needs Rein: call vfm_adapters.inject_rein(model) first"
-            )
-        if not isinstance(container["rein"], Rein):
-            raise AdapterError(
-                "domain_rein supports Rein on plain ViTs; this model's Rein is stage-wise "
-                f"({type(container['rein']).__name__}, a hierarchical host), which it does not condition"
-            )
-        return container["rein"], state.attachments["rein"]
-
-    def check(self, model: nn.Module, host: object, config: DomainReinConfig) -> None:
-        rein, _ = self._rein(model)
-        if rein._token_shift is not None:
-            raise AdapterError("this model's Rein already has a token shift installed; remove it first")
-
-    def attach(self, model: nn.Module, host: object, config: DomainReinConfig, attachment: Attachment) -> None:
-        rein, rein_attachment = self._rein(model)
-        shift = DomainReinShift(config.embed_dim, rein.embed_dim, config.mode, device=rein.token_to_feature.weight.device)
-        attachment.module = shift
-        # A bound method, not the module: Rein must not adopt the shift as a child module
-        # (its parameters belong to, and are saved with, this method).
-        rein.set_token_shift(shift.__call__)
-        attachment.undo.append(_ClearTokenShift(rein))
-
-        # Per-image tokens broadcast, so a batch mismatch (e.g. W of one image for a batch
-        # of two) would silently pass: check the batch before the first refined block.
-        blocks = rein_attachment.extra.get("blocks")
-        if blocks and host is not None:
-            first = host.blocks(model)[blocks[0]]
-            attachment.handles.append(first.register_forward_pre_hook(_BatchCheck(shift), with_kwargs=True))
-
-
-register_method(DomainReinMethod())
-
-
-def inject_domain_rein(
-    model: nn.Module, *, embed_dim: int, mode: str = "sub", freeze_host: bool = True
-) -> nn.Module:
-    """Conditions the Rein of ``model`` on the domain embedding (an extension, off by default).
-
-    Every Rein token of every layer is shifted per image by ``+ P W`` (``mode="add"``)
-    or ``- P W`` (``"sub"``), ``P`` a learned ``Linear(d, c)`` initialised to zero so the
-    model starts unchanged. This carries the paper's Domino-Add/Sub conditioning of the
-    prompt pathway over to Rein's tokens; it is not in either paper. Call
-    :func:`set_domain_embedding` with the batch's ``W`` before each forward pass.
-
-    Args:
-        model: A ViT with Rein injected (:func:`vfm_adapters.inject_rein`).
-        embed_dim: Width ``d`` of the domain embedding.
-        mode: ``"add"`` or ``"sub"``.
-        freeze_host: Freeze every parameter that is not an adapter's.
-
-    Returns:
-        ``model``.
-
-    Example:
-        >>> import timm, torch, vfm_adapters as va
-        >>> vit = va.inject_rein(timm.create_model("vit_small_patch14_dinov2", depth=2,
-        ...     embed_dim=64, num_heads=2, img_size=56), token_length=4, rank=2)
-        >>> vit = va.inject_domain_rein(vit, embed_dim=16, mode="sub")
-        >>> _ = va.set_domain_embedding(vit, torch.randn(2, 16))
-        >>> vit.forward_features(torch.randn(2, 3, 56, 56)).shape
-        torch.Size([2, 17, 64])
-    """
-    return inject(model, "domain_rein", DomainReinConfig(embed_dim=embed_dim, mode=mode), freeze_host=freeze_host)
-
-
 def set_domain_embedding(model: nn.Module, embedding: Tensor | None) -> nn.Module:
     """Gives every Domino layer and domain_rein in ``model`` the batch's domain embedding.
 
@@ -585,7 +386,7 @@ def set_domain_embedding(model: nn.Module, embedding: Tensor | None) -> nn.Modul
     if embedding is not None:
         widths = sorted({m.embed_dim for m in targets})
         for width in widths:  # validate every width before changing any layer
-            _checked_embedding(embedding, width, "this model's Domino layers")
+            checked_embedding(embedding, width, "this model's Domino layers")
     for target in targets:
         target.set_domain_embedding(embedding)
     return model

@@ -15,9 +15,11 @@ block has:
   ``A`` is (r x c) and ``B`` (3c x r), ``r * (c + 3c)`` parameters per block;
 * an attention that **reads** ``qkv.weight`` **directly** (timm ``EvaAttention`` with q/v
   biases: ``F.linear(x, weight=self.qkv.weight, bias=qkv_bias)``) instead of calling the
-  layer, wrapping alone would silently do nothing. Injection runs every wrapped block's
-  attention once on a tiny probe input and watches whether the wrapper's ``forward`` ran;
-  where it did not, the wrapper's ``weight`` attribute is switched to return the
+  layer, wrapping alone would silently do nothing. The host description says so
+  (:attr:`~vfm_adapters.hosts.BlockParts.direct_weight_reads`; for a discovered host,
+  injection runs every wrapped block's attention once on a tiny probe input and watches
+  whether the wrapper's ``forward`` ran); there the wrapper's ``weight`` attribute is
+  switched to return the
   effective weight ``W + (alpha / r) B A`` (a differentiable view, so gradients reach
   ``A`` and ``B``). Input dropout cannot apply on that path (it is a weight-space
   update); a warning says so if ``dropout > 0``.
@@ -29,11 +31,9 @@ that ``peft.PeftModel.from_pretrained`` loads.
 
 from __future__ import annotations
 
-import inspect
 import json
 import math
 import os
-import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -292,22 +292,30 @@ def _probe_input(host: HostSpec, weight: torch.Tensor) -> torch.Tensor:
     return torch.zeros(shape, device=weight.device, dtype=weight.dtype)
 
 
-def _reads_weight_in_source(attention: nn.Module, attribute: str) -> bool:
-    try:
-        source = inspect.getsource(type(attention).forward)
-    except (OSError, TypeError):
-        return False
-    return re.search(rf"\.{re.escape(attribute)}\.weight\b", source) is not None
-
-
 def _mark_direct_weight_reads(host: HostSpec, wrapped: list[_Wrapped]) -> list[int]:
+    """Marks the wrappers whose attention reads their ``weight`` itself; returns their blocks.
+
+    A registered host family states it (``host.parts.direct_weight_reads``). A discovered
+    host is probed instead (:func:`_probe_direct_weight_reads`).
+    """
+    if host.discovered:
+        return _probe_direct_weight_reads(host, wrapped)
+    direct_blocks: list[int] = []
+    for item in wrapped:
+        if item.role in host.parts.direct_weight_reads:
+            item.layer.exposes_effective_weight = True
+            if item.block not in direct_blocks:
+                direct_blocks.append(item.block)
+    return sorted(direct_blocks)
+
+
+def _probe_direct_weight_reads(host: HostSpec, wrapped: list[_Wrapped]) -> list[int]:
     """Finds attention modules that bypass the wrapped layers' ``forward``; returns their blocks.
 
     Each block's attention runs once, in eval mode and without gradients, on a small zero
     input. A wrapper whose ``forward`` did not run but whose ``weight`` was read belongs
-    to an attention that computes ``F.linear(x, layer.weight, ...)`` itself. If the probe
-    fails before touching the layer (an attention that needs extra inputs), the
-    attention's source code decides.
+    to an attention that computes ``F.linear(x, layer.weight, ...)`` itself. A probe that
+    fails before touching the layer (an attention that needs extra inputs) marks nothing.
     """
     by_attention: dict[int, list[_Wrapped]] = {}
     for item in wrapped:
@@ -341,7 +349,7 @@ def _mark_direct_weight_reads(host: HostSpec, wrapped: list[_Wrapped]) -> list[i
         for item in items:
             if calls[id(item.layer)]:
                 continue
-            if item.layer._weight_reads or _reads_weight_in_source(attention, item.child):
+            if item.layer._weight_reads:
                 item.layer.exposes_effective_weight = True
                 if item.block not in direct_blocks:
                     direct_blocks.append(item.block)

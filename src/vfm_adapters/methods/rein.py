@@ -16,14 +16,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import ClassVar, Sequence
+from typing import Callable, ClassVar, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from ..hosts import HostSpec
 from ..kernels import check_kernel, rein_update, resolve_kernel, unsupported_reason
-from .base import AdapterError, AdapterMethod, Attachment, MethodConfig, register_method
+from .base import AdapterError, AdapterMethod, Attachment, MethodConfig, injection_state, register_method
 
 
 @dataclass
@@ -89,11 +89,10 @@ class ReinConfig(MethodConfig):
             if not host.global_blocks:
                 raise AdapterError(f"layers='global' needs a windowed host such as SAM; {host.family} has no global blocks")
             return list(host.global_blocks)
-        indices = [i + host.depth if i < 0 else i for i in self.layers]
-        bad = [i for i, j in zip(self.layers, indices) if not 0 <= j < host.depth]
-        if bad:
-            raise AdapterError(f"ReinConfig.layers {bad} out of range: the host has {host.depth} blocks (0..{host.depth - 1})")
-        return indices
+        try:
+            return host.resolve_blocks(self.layers, "ReinConfig.layers")
+        except ValueError as error:
+            raise AdapterError(str(error)) from None
 
 
 def rein_init_bound(patch_size: int, embed_dim: int, rank: int | None) -> float:
@@ -153,10 +152,35 @@ class Rein(nn.Module):
         # An optional callable (layer -> (B, 1 or m, c) offset) that shifts the tokens per
         # image, e.g. by a projection of a domain embedding. Kept out of the module tree
         # so the method that sets it owns (and saves) its parameters.
-        self._token_shift = None
+        self._token_shift: Callable[[int], Tensor] | None = None
 
-    def set_token_shift(self, shift) -> None:
-        """Installs (or, with ``None``, removes) a per-image token offset ``shift(layer)``."""
+    @property
+    def token_shift(self) -> Callable[[int], Tensor] | None:
+        """The installed per-image token offset (see :meth:`set_token_shift`), or ``None``."""
+        return self._token_shift
+
+    def set_token_shift(self, shift: Callable[[int], Tensor] | None) -> None:
+        """Installs (or, with ``None``, removes) a per-image offset of the tokens.
+
+        This is the hook through which another method conditions Rein (``domain_rein``
+        adds a projection of the domain embedding). ``shift(layer)`` returns an offset
+        that broadcasts against ``(B, m, c)`` (e.g. ``(B, 1, c)``) and is added to the
+        tokens ``T_layer`` of refined layer ``layer`` (0-based among refined layers)
+        before the update. Rein does not adopt ``shift`` as a child module: its owner
+        keeps and saves its parameters. A new shift replaces the installed one; a method
+        that installs one should first check :attr:`token_shift` is ``None``.
+
+        Example:
+            >>> rein = Rein(2, 8, ReinConfig(token_length=4, rank=2), patch_size=4)
+            >>> x = torch.randn(2, 9, 8)
+            >>> rein.set_token_shift(lambda layer: torch.zeros(2, 1, 8))
+            >>> rein.token_shift is not None, torch.equal(rein(x, layer=0), rein.refine(x, 0))
+            (True, True)
+            >>> rein.set_token_shift(None); rein.token_shift is None
+            True
+        """
+        if shift is not None and not callable(shift):
+            raise AdapterError(f"a token shift must be a callable layer -> offset, got {type(shift).__name__}")
         self._token_shift = shift
 
     def _init_tokens(self, patch_size: int) -> None:
@@ -315,6 +339,24 @@ class ReinMethod(AdapterMethod):
 
 
 register_method(ReinMethod())
+
+
+def rein_blocks(model: nn.Module) -> list[int]:
+    """Indices (into the host's blocks) of the blocks refined by the Rein injected into ``model``.
+
+    For a hierarchical host (one Rein per stage) every block is refined.
+
+    Example:
+        >>> import timm, vfm_adapters as va
+        >>> vit = timm.create_model("vit_small_patch14_dinov2", depth=3, embed_dim=64,
+        ...                         num_heads=2, img_size=56)
+        >>> rein_blocks(va.inject_rein(vit, layers=[0, -1]))
+        [0, 2]
+    """
+    state = injection_state(model)
+    if state is None or "rein" not in state.attachments:
+        raise AdapterError("this model has no Rein injected; call vfm_adapters.inject_rein(model) first")
+    return list(state.attachments["rein"].extra["blocks"])
 
 
 def rein_queries(model: nn.Module) -> Tensor:

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from ..hosts import HostSpec
+from ..kernels import unsupported_reason
 from .base import AdapterError, Attachment
 from .rein import Rein, ReinConfig
 
@@ -107,14 +108,13 @@ def check_stages(host: HostSpec, config: ReinConfig) -> None:
             f"stage); ReinConfig.layers={config.layers!r} is for plain ViTs. Use layers=None"
         )
     if config.kernel == "triton":
-        from ..kernels.triton_rein import CHANNEL_MULTIPLE, MAX_TOKENS
-
         widths = [stage.width for stage in host.stages or ()]
-        if any(w % CHANNEL_MULTIPLE for w in widths) or config.token_length > MAX_TOKENS:
+        reasons = [unsupported_reason(width, config.token_length) for width in widths]
+        why = next((reason for reason in reasons if reason is not None), None)
+        if why is not None:
             raise AdapterError(
-                f"kernel='triton' needs widths that are multiples of {CHANNEL_MULTIPLE} and at most {MAX_TOKENS} "
-                f"tokens; this host's stages have widths {widths} and token_length={config.token_length}. "
-                "Use kernel='auto' (falls back to PyTorch) or kernel='torch'"
+                f"kernel='triton' cannot take this host: {why}; this host's stages have widths {widths} and "
+                f"token_length={config.token_length}. Use kernel='auto' (falls back to PyTorch) or kernel='torch'"
             )
 
 

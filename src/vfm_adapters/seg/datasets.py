@@ -300,7 +300,7 @@ class Synthia(SegmentationDataset):
     channel in the file's RGB order, i.e. the last channel of OpenCV's BGR read
     (``cv2.imread(..., IMREAD_UNCHANGED)[:, :, -1]``). Pillow truncates 16-bit colour
     PNGs to their high byte (every class would read as 0), so labels are decoded with
-    torchvision's 16-bit PNG decoder or, without torchvision, a numpy PNG decoder.
+    torchvision's 16-bit PNG decoder.
     """
 
     layout = "<root>/RGB/*.png and <root>/GT/LABELS/*.png (16-bit PNG, class id in the red channel)"

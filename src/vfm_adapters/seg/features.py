@@ -126,11 +126,7 @@ class BackboneFeatures(nn.Module):
         depth = self.host.depth
         if layers is None:
             layers = stage_end_layers(self.host) if self.host.hierarchical else default_layers(depth)
-        layers = [int(i) for i in layers]
-        resolved = [i + depth if i < 0 else i for i in layers]
-        if any(not 0 <= i < depth for i in resolved):
-            raise ValueError(f"feature layers {layers} out of range for a host with {depth} blocks")
-        self.layers = resolved
+        self.layers = self.host.resolve_blocks([int(i) for i in layers], "feature layers")
 
     @property
     def embed_dim(self) -> int:
@@ -161,7 +157,7 @@ class BackboneFeatures(nn.Module):
         if self.host.layout == "BHWC" or hidden.ndim == 4:
             return hidden.permute(0, 3, 1, 2)
         height, width = grid
-        patches = hidden[:, self.host.num_prefix_tokens :]
+        _, patches = self.host.split_prefix(hidden)
         if patches.shape[1] != height * width:
             if patches.shape[1] < height * width:
                 raise RuntimeError(

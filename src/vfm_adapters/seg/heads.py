@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .._registry import Registry
 from .datasets import IGNORE_INDEX
 from .features import BackboneFeatures, build_neck, check_stage_scales
 
@@ -87,7 +88,8 @@ class LinearHead(nn.Module):
         return self.classifier(self.dropout(self.norm(stacked)))
 
 
-HEADS = {"fpn": FPNHead, "linear": LinearHead}
+# Head classes by config name; assigning a taken name raises (use HEADS.register(..., replace=True)).
+HEADS: Registry[type[nn.Module]] = Registry("segmentation head", {"fpn": FPNHead, "linear": LinearHead})
 
 
 def segmentation_loss(logits: Tensor, labels: Tensor, ignore_index: int = IGNORE_INDEX) -> Tensor:
