@@ -101,6 +101,20 @@ def _hub_failure(repo_id: str, revision: str | None, filename: str, error: Excep
     return f"fetching {filename} of {repo_id!r}{at} from the Hub failed ({type(error).__name__}: {error})"
 
 
+def _local_directory(source: str | os.PathLike, revision: str | None) -> Path | None:
+    """``source`` as a local directory (which always wins over a Hub id of the same
+    spelling), or ``None``; a ``revision`` given with a local directory is an error."""
+    path = Path(source)
+    if not path.is_dir():
+        return None
+    if revision is not None:
+        raise ValueError(
+            f"{str(source)!r} is a local directory, and a local directory always wins over a Hub id of the same "
+            f"spelling; revision={revision!r} applies to Hub ids only (move or rename the directory to load from the Hub)"
+        )
+    return path
+
+
 def resolve_adapter_source(
     source: str | os.PathLike,
     *,
@@ -135,14 +149,10 @@ def resolve_adapter_source(
         >>> resolve_adapter_source(here) == Path(here)
         True
     """
+    local = _local_directory(source, revision)
+    if local is not None:
+        return local
     path = Path(source)
-    if path.is_dir():
-        if revision is not None:
-            raise ValueError(
-                f"{str(source)!r} is a local directory, and a local directory always wins over a Hub id of the same "
-                f"spelling; revision={revision!r} applies to Hub ids only (move or rename the directory to load from the Hub)"
-            )
-        return path
     here = (
         f"{str(source)!r} is not a directory here"
         + (f" ({path.resolve()} is a file)" if path.exists() else "")
@@ -542,14 +552,8 @@ def from_pretrained(
     """
     from .checkpoint import load_adapters
 
-    directory = Path(source)
-    if directory.is_dir():
-        if revision is not None:
-            raise ValueError(
-                f"{str(source)!r} is a local directory (a local directory always wins over a Hub id of the same "
-                f"spelling); revision={revision!r} applies to Hub ids only"
-            )
-    else:
+    directory = _local_directory(source, revision)
+    if directory is None:
         if not isinstance(source, str) or _hub_id_problem(source) is not None:
             raise FileNotFoundError(f"{str(source)!r} is not a directory here, and it is not a Hugging Face Hub id either")
         from huggingface_hub import snapshot_download
