@@ -474,3 +474,17 @@ def test_dacs_step_keeps_a_frozen_batch_norm_in_eval_mode():
               generator=torch.Generator().manual_seed(0))
     assert not frozen[1].training and student[1].training
     assert torch.equal(frozen[1].running_mean, before)
+
+
+@pytest.mark.parametrize("kind", ["vit", "features"])
+def test_dacs_with_a_mask2former_head_is_refused_when_the_config_loads(tmp_path, kind):
+    """DACS would train Mask2Former's scores with a per-pixel loss (the wrong objective): refused up front."""
+    from vfm_adapters.adaptation.recipes import load_adaptation_config
+    from vfm_adapters.seg.training import ConfigError
+
+    config = {"recipe": "dacs", "model": {"kind": kind, "head": "mask2former"},
+              "data": {"source": [{"type": "synthetic"}], "target": [{"type": "synthetic", "domain": "fog"}]},
+              "train": {"output_dir": str(tmp_path / "run")}}
+    with pytest.raises(ConfigError, match="mask2former cannot be trained with recipe: dacs"):
+        load_adaptation_config(config)
+    assert not (tmp_path / "run").exists()

@@ -163,6 +163,14 @@ def load_adaptation_config(source: str | os.PathLike | Mapping[str, Any] | None 
             raise seg_training.ConfigError(f"train.{key} must be a positive integer, got {config['train'][key]!r}")
     seg_config.validate_optim(config["optim"], config["train"])
     seg_config.validate_eval(config["eval"])
+    if config["recipe"] == "dacs" and config["model"]["head"] == "mask2former":
+        # DACS's losses are per-pixel cross-entropies on the mixed image; Mask2Former is
+        # trained by set prediction (matching + mask losses), which DACS does not implement.
+        raise seg_training.ConfigError(
+            "model.head: mask2former cannot be trained with recipe: dacs (DACS's losses are per-pixel cross-entropy "
+            "on logits, Mask2Former needs its matching and mask losses); use a per-pixel head (fpn, linear, "
+            "daformer) for DACS, or recipe: self_training / source_only for Mask2Former"
+        )
     for section, config_class in (("dacs", DACSConfig), ("self_training", SelfTrainingConfig)):
         try:
             config_class.from_dict(config[section])  # the dataclasses' own value checks, now
