@@ -10,6 +10,15 @@ import os
 from collections.abc import Iterator
 
 
+def add_config_arguments(parser: argparse.ArgumentParser, example_overrides: str) -> None:
+    """The ``CONFIG [KEY=VALUE ...]`` positionals shared by ``train`` and ``adapt``."""
+    parser.add_argument("config", help="a config shipped with the package by name (see 'vfm-adapters configs'), "
+                                       "or a YAML/JSON file")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                        help="config overrides right after CONFIG (before the flags): dotted keys, values read as YAML, "
+                             f"e.g. {example_overrides}")
+
+
 def add_threads_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=0,
                         help="torch CPU threads; 0 (default) = the cores other processes leave free, and 1 on a "

@@ -4,18 +4,14 @@ from __future__ import annotations
 
 import argparse
 
-from ._common import add_threads_argument, refuse_plain_torchrun, torch_threads
+from ._common import add_config_arguments, add_threads_argument, refuse_plain_torchrun, torch_threads
 
 NAME = "adapt"
 HELP = "run a domain-adaptation recipe (DACS, DAFormer options, or CLOUDS-style self-training) from a YAML config"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("config", help="a config shipped with the package by name (see 'vfm-adapters configs'), "
-                                       "or a YAML/JSON file")
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                        help="config overrides right after CONFIG (before the flags): dotted keys, values read as YAML, "
-                             "e.g. optim.lr=6e-5 dacs.ema_alpha=0.999 train.output_dir=runs/dacs")
+    add_config_arguments(parser, "optim.lr=6e-5 dacs.ema_alpha=0.999 train.output_dir=runs/dacs")
     parser.add_argument("--iterations", type=int, default=None, help="override train.iterations")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     parser.add_argument("--overwrite", action="store_true", help="replace a run already in train.output_dir")

@@ -9,18 +9,14 @@ from __future__ import annotations
 
 import argparse
 
-from ._common import add_threads_argument, refuse_plain_torchrun, torch_threads
+from ._common import add_config_arguments, add_threads_argument, refuse_plain_torchrun, torch_threads
 
 NAME = "train"
 HELP = "train adapters + a segmentation head from a YAML/JSON config (accelerate launch-able, resumable)"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("config", help="a config shipped with the package by name (see 'vfm-adapters configs'), "
-                                       "or a YAML/JSON file")
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                        help="config overrides right after CONFIG (before the flags): dotted keys, values read as YAML, "
-                             "e.g. optim.lr=2e-4 train.batch_size=8 model.method_options.rein.token_length=50")
+    add_config_arguments(parser, "optim.lr=2e-4 train.batch_size=8 model.method_options.rein.token_length=50")
     parser.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/checkpoint.pt if present")
     parser.add_argument("--overwrite", action="store_true",
                         help="start from scratch even if OUTPUT_DIR already holds a run (its files are replaced)")
