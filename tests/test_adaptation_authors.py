@@ -310,7 +310,7 @@ def test_mixed_batch_goes_through_one_mask2former_criterion(monkeypatch):
     criterion_calls = []
     head = model.decoder.head
     original_loss, original_criterion = model.decoder.loss, head.criterion.forward
-    monkeypatch.setattr(model.decoder, "loss", lambda out, lbl: calls.append((out, lbl.clone())) or original_loss(out, lbl))
+    monkeypatch.setattr(model.decoder, "loss", lambda out, lbl, weights=None: calls.append((out, lbl.clone())) or original_loss(out, lbl, weights))
     monkeypatch.setattr(head.criterion, "forward", lambda *a, **k: (criterion_calls.append(len(k["mask_labels"]))
                         if "mask_labels" in k else None) or original_criterion(*a, **k))  # positional: deep supervision
     out = trainer.step_mixed(images, labels, generated)

@@ -153,15 +153,17 @@ def test_a_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp
     from test_seg_training import _config
     from vfm_adapters.seg import training
 
-    calls = {"n": 0}
-    real_loss = training.segmentation_loss
+    from vfm_adapters.seg.heads import Segmentor
 
-    def loss_going_nan(logits, labels):
+    calls = {"n": 0}
+    real_loss = Segmentor.loss
+
+    def loss_going_nan(self, images, labels, pixel_weights=None):
         calls["n"] += 1
-        loss = real_loss(logits, labels)
+        loss = real_loss(self, images, labels, pixel_weights)
         return loss * float("nan") if calls["n"] > 4 else loss  # grad_accum 2: step 3 is the first bad one
 
-    monkeypatch.setattr(training, "segmentation_loss", loss_going_nan)
+    monkeypatch.setattr(Segmentor, "loss", loss_going_nan)
     with pytest.raises(training.TrainingDivergedError, match=r"nan at step 3.*checkpoint .* \(step 2\) is intact"):
         training.train(_config(tmp_path / "run", iterations=6), progress=False, log=lambda s: None)
     payload = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
@@ -317,7 +319,9 @@ def test_a_killed_overwrite_leaves_the_old_run_whole_aside_not_mixed(tmp_path, o
     def killed(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(training, "segmentation_loss", killed)
+    from vfm_adapters.seg.heads import Segmentor
+
+    monkeypatch.setattr(Segmentor, "loss", killed)
     with pytest.raises(KeyboardInterrupt):
         training.train(config, overwrite=True, progress=False, log=lambda s: None)
     run = tmp_path / "run"

@@ -52,7 +52,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset, Sampler
 
 from ..seg.datasets import IGNORE_INDEX
-from ..seg.training import train_mode
+from ..seg.model import model_loss, train_mode
 from ..seg.transforms import IMAGENET_MEAN, IMAGENET_STD
 from .augment import color_jitter, denormalize, gaussian_blur, normalize
 from .ema import ema_alpha, ema_update, make_teacher
@@ -307,7 +307,7 @@ def warmup_poly_lambda(total: int, warmup_iters: int = 1500, warmup_ratio: float
         >>> round(f(0), 6), round(f(5), 3), f(10), f(100)
         (1e-06, 0.475, 0.9, 0.0)
     """
-    from ..seg.training import poly_factor
+    from ..seg.optim import poly_factor
 
     return lambda step: poly_factor(step, total, power, warmup_iters, warmup_ratio)
 
@@ -609,11 +609,13 @@ class DACSConfig:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
 
-def _logits_at(model: nn.Module, images: Tensor, size: Sequence[int]) -> Tensor:
-    logits = model(images)
-    if tuple(logits.shape[-2:]) != tuple(size):
-        logits = F.interpolate(logits, size=tuple(size), mode="bilinear", align_corners=False)
-    return logits
+def _num_classes(student: nn.Module, labels: Tensor, ignore_index: int) -> int:
+    """The student's class count (a plain ``images -> logits`` module has none: the labels bound it)."""
+    count = getattr(student, "num_classes", None)
+    if count is not None:
+        return int(count)
+    valid = labels[labels != ignore_index]
+    return int(valid.max()) + 1 if valid.numel() else 1
 
 
 def dacs_step(
@@ -690,15 +692,10 @@ def dacs_step(
         hook = student.get_submodule(config.fdist_module).register_forward_hook(
             lambda module, args, output: captured.append(output))
     try:
-        source_logits = _logits_at(student, source_images, size)
+        loss_source = model_loss(student, source_images, source_labels, ignore_index=config.ignore_index)
     finally:
         if hook is not None:
             hook.remove()
-    valid = source_labels != config.ignore_index
-    if bool(valid.any()):
-        loss_source = F.cross_entropy(source_logits.float(), source_labels, ignore_index=config.ignore_index)
-    else:
-        loss_source = source_logits.sum() * 0.0
     loss_fdist = None
     if config.fdist_lambda > 0:
         last = lambda out: out[-1] if isinstance(out, (list, tuple)) else out  # noqa: E731
@@ -707,7 +704,7 @@ def dacs_step(
             reference = last(imagenet_encoder(source_images))
         loss_fdist = config.fdist_lambda * feature_distance_loss(
             last(captured[0]), reference, source_labels, config.fdist_classes, config.fdist_scale_min_ratio,
-            source_logits.shape[1], config.ignore_index)
+            _num_classes(student, source_labels, config.ignore_index), config.ignore_index)
 
     with torch.no_grad():
         teacher.eval()
@@ -726,9 +723,7 @@ def dacs_step(
                                config.blur_p, config.blur_sigma)
         mixed = normalize(mixed, config.mean, config.std).to(source_images.dtype)
 
-    mixed_logits = _logits_at(student, mixed, size)
-    pixel_loss = F.cross_entropy(mixed_logits.float(), mixed_labels, ignore_index=config.ignore_index, reduction="none")
-    loss_target = (pixel_loss * mixed_weights).mean()
+    loss_target = model_loss(student, mixed, mixed_labels, mixed_weights, config.ignore_index)
     loss = loss_source + loss_target
     if loss_fdist is not None:
         loss = loss + loss_fdist

@@ -58,7 +58,7 @@ from .._io import write_atomically
 from ..seg import config as seg_config
 from ..seg import training as seg_training
 from ..seg.datasets import build_dataset
-from ..seg.heads import HEADS, Segmentor
+from ..seg.build import build_segmentor, segmentor_class
 from ..seg.run_dir import check_run_dir, discard_replaced, prepare_run_dir, truncate_log
 from ..seg.sampling import AugmentedStream, StreamSampler
 from ..seg.transforms import (Compose, Normalize, PhotoMetricDistortion, RandomCrop, RandomFlip, RandomRescale,
@@ -182,6 +182,10 @@ def load_adaptation_config(source: str | os.PathLike | Mapping[str, Any] | None 
 def build_model(model_config: Mapping[str, Any]) -> nn.Module:
     """The segmentor of a config's ``model`` section (works under ``torch.device("meta")``).
 
+    ``kind: vit`` is :func:`vfm_adapters.seg.build.build_segmentor`; ``kind: features``
+    puts the head of the configured segmentor class (:func:`~vfm_adapters.seg.build.segmentor_class`)
+    on a timm ``features_only`` encoder.
+
     Example:
         >>> m = build_model({**DEFAULTS["model"], "kind": "features", "encoder": "convnext_atto",
         ...                  "num_classes": 3, "head_channels": 8})
@@ -190,87 +194,17 @@ def build_model(model_config: Mapping[str, Any]) -> nn.Module:
     """
     cfg = {**DEFAULTS["model"], **dict(model_config)}
     if cfg["kind"] == "vit":
-        vit_keys = set(seg_training.DEFAULTS["model"])
-        model = seg_training.build_segmentor({k: v for k, v in cfg.items() if k in vit_keys})
-        return model
+        vit_keys = set(seg_config.DEFAULTS["model"])
+        return build_segmentor({k: v for k, v in cfg.items() if k in vit_keys})
     encoder = TimmFeatureEncoder(cfg["encoder"], pretrained=bool(cfg["pretrained"]), out_indices=cfg["out_indices"],
                                  frozen=bool(cfg["freeze_encoder"]), **dict(cfg["encoder_kwargs"] or {}))
-    num_classes = int(cfg["num_classes"])
-    if cfg["head"] == "mask2former":
-        from ..seg.mask2former import Mask2FormerHead
-
-        options = dict(cfg["head_options"] or {})
-        classifier = options.pop("classifier", None)
-        head = Mask2FormerHead(num_classes, encoder.channels, **options)
-        if classifier:
-            head.class_predictor = build_clip_classifier(classifier, head.config.hidden_dim, num_classes,
-                                                         encode=not cfg["decoder_checkpoint"])
-    elif cfg["head"] in HEADS:
-        head = HEADS[cfg["head"]](encoder.channels, num_classes, int(cfg["head_channels"]), float(cfg["dropout"]))
-    else:
-        raise seg_training.ConfigError(f"unknown head {cfg['head']!r}; available: {sorted(HEADS) + ['mask2former']}")
-    model = FeatureSegmentor(encoder, DecodeHead(head))
+    head = segmentor_class(cfg["head"]).build_head(cfg["head"], encoder.channels, cfg)
+    model = FeatureSegmentor(encoder, DecodeHead(head), mean=cfg["mean"], std=cfg["std"])
     if cfg["decoder_checkpoint"]:  # e.g. the decode head of a source-only stage 1
         from safetensors.torch import load_file
 
         model.decoder.load_state_dict(load_file(str(cfg["decoder_checkpoint"])))
-    model.mean, model.std = tuple(cfg["mean"]), tuple(cfg["std"])
     return model
-
-
-def build_clip_classifier(spec: Mapping[str, Any], hidden_dim: int, num_classes: int, encode: bool = True) -> nn.Module:
-    """CLOUDS' FC-CLIP-style classifier from a ``head_options.classifier`` mapping.
-
-    Keys: ``type: clip``; ``class_names`` (default: Cityscapes' 19 when ``num_classes`` is
-    19); ``text_model`` (a transformers CLIP id, :data:`~vfm_adapters.seg.clip_classifier.DEFAULT_TEXT_MODEL`);
-    ``embed_dim`` (768); ``templates`` (the 14 of FC-CLIP). The class names are encoded
-    now unless ``encode`` is False (a checkpoint will fill them) or the parameters live
-    on the meta device.
-
-    Example:
-        >>> with torch.device("meta"):
-        ...     clf = build_clip_classifier({"type": "clip"}, hidden_dim=16, num_classes=19)
-        >>> type(clf).__name__, clf.num_classes, tuple(clf.text_embeddings.shape)
-        ('CLIPTextClassifier', 19, (19, 768))
-    """
-    from ..seg.clip_classifier import CLIP_TEMPLATES, DEFAULT_TEXT_MODEL, CLIPTextClassifier, class_name_embeddings
-    from ..seg.datasets import CITYSCAPES_CLASSES
-
-    spec = dict(spec)
-    accepted = {"type", "class_names", "text_model", "embed_dim", "templates"}
-    unknown = sorted(set(spec) - accepted)
-    if unknown or spec.get("type", "clip") != "clip":
-        raise seg_training.ConfigError(f"head_options.classifier: type must be 'clip' and keys among {sorted(accepted)}, "
-                                       f"got {dict(spec)}")
-    names = spec.get("class_names")
-    if names is None:
-        if num_classes != len(CITYSCAPES_CLASSES):
-            raise seg_training.ConfigError("head_options.classifier.class_names is needed unless num_classes is 19 "
-                                           "(Cityscapes)")
-        names = list(CITYSCAPES_CLASSES)
-    if len(names) != num_classes:
-        raise seg_training.ConfigError(f"{len(names)} class names for {num_classes} classes")
-    counts = [len([n for n in str(name).split(",") if n.strip()]) for name in names]
-    classifier = CLIPTextClassifier(hidden_dim, int(spec.get("embed_dim", 768)), counts)
-    if encode and classifier.text_embeddings.device.type != "meta":
-        from ..seg.clip_classifier import transformers_text_encoder
-
-        text = transformers_text_encoder(spec.get("text_model") or DEFAULT_TEXT_MODEL)
-        embeddings, _ = class_name_embeddings(names, text, spec.get("templates") or CLIP_TEMPLATES)
-        classifier.set_text_embeddings(embeddings)
-    return classifier
-
-
-def _parameter_groups(model: nn.Module, optim: Mapping[str, Any]) -> list[dict]:
-    if isinstance(model, Segmentor):
-        groups = seg_training.parameter_groups(model, optim["lr"], optim["weight_decay"], optim["backbone_lr_mult"])
-        return [{k: v for k, v in g.items() if k != "names"} for g in groups]
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        if param.requires_grad:
-            (no_decay if seg_training.no_weight_decay(name, param) else decay).append(param)
-    return [g for g in ({"params": decay, "weight_decay": optim["weight_decay"]},
-                        {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
 
 
 def _constant(step: int) -> float:
@@ -288,8 +222,9 @@ def build_trainer(config: Mapping[str, Any], model: nn.Module | None = None) -> 
     """
     model = build_model(config["model"]) if model is None else model
     oc, mc = config["optim"], config["model"]
-    optimizer = torch.optim.AdamW(_parameter_groups(model, oc), lr=oc["lr"], betas=tuple(oc["betas"]),
-                                  weight_decay=oc["weight_decay"])
+    groups = model.parameter_groups(oc["lr"], oc["weight_decay"], oc["backbone_lr_mult"])
+    optimizer = torch.optim.AdamW([{k: v for k, v in g.items() if k != "names"} for g in groups], lr=oc["lr"],
+                                  betas=tuple(oc["betas"]), weight_decay=oc["weight_decay"])
     if oc["schedule"] == "constant":  # CLOUDS: the lr never changes (its step at 100k is never reached)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _constant)
     else:
@@ -580,7 +515,7 @@ def train_adaptation(config: str | os.PathLike | Mapping[str, Any], iterations: 
         return {"step": end, "loss": out["loss"], "results": {}, "output_dir": str(output_dir), "model": model,
                 "trainer": trainer}
 
-    if isinstance(model, Segmentor):
+    if mc["kind"] == "vit":
         seg_training.save_segmentor(model, output_dir, {k: v for k, v in mc.items() if k in seg_training.DEFAULTS["model"]},
                                     extra={"recipe": config["recipe"]})
     else:

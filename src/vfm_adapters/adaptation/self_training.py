@@ -37,7 +37,8 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from ..seg.datasets import IGNORE_INDEX, IMAGE_SUFFIXES, read_image
-from ..seg.training import train_mode
+from ..seg.model import PixelWeightsUnsupported, check_normalisation, segmentation_loss, train_mode
+from ..seg.optim import parameter_groups
 from ..seg.transforms import IMAGENET_MEAN, IMAGENET_STD, PhotoMetricDistortion
 from .augment import denormalize, normalize
 from .dacs import strong_augment
@@ -187,31 +188,44 @@ class DecodeHead(nn.Module):
             return output
         return self.head.predict(output, size=tuple(size))
 
-    def loss(self, output: Any, labels: Tensor) -> Tensor:
-        """Cross-entropy (255 ignored) for logits, the head's own loss otherwise."""
+    def loss(self, output: Any, labels: Tensor, pixel_weights: Tensor | None = None) -> Tensor:
+        """Cross-entropy (255 ignored; weighted by ``pixel_weights`` if given) for logits, the
+        head's own loss otherwise (which refuses per-pixel weights)."""
         if not isinstance(output, Tensor):
+            if pixel_weights is not None:
+                raise PixelWeightsUnsupported(f"{type(self.head).__name__} has no per-pixel loss to weight (DACS); "
+                                              "use a per-pixel head (fpn, linear, daformer)")
             return self.head.loss(output, labels)
-        logits = self.logits(output, labels.shape[-2:]).float()
-        if not bool((labels != self.ignore_index).any()):
-            return logits.sum() * 0.0
-        return F.cross_entropy(logits, labels, ignore_index=self.ignore_index)
+        return segmentation_loss(output, labels, self.ignore_index, pixel_weights)
 
 
 class FeatureSegmentor(nn.Module):
     """``encoder`` (list of maps) + ``decoder`` (:class:`DecodeHead`) -> logits at the image size.
 
+    A :class:`~vfm_adapters.seg.model.SegmentationModel`: its loss is the decoder's
+    (cross-entropy for a light head, the head's own for Mask2Former).
+
+    Args:
+        encoder: Maps normalised images to a list of feature maps.
+        decoder: The :class:`DecodeHead` over them.
+        mean: Per-channel mean (0-255 RGB) of the images this model expects.
+        std: Per-channel standard deviation, as ``mean``.
+
     Example:
         >>> from vfm_adapters.seg import FPNHead
         >>> enc = TimmFeatureEncoder("convnext_atto")
         >>> seg = FeatureSegmentor(enc, DecodeHead(FPNHead(enc.channels, num_classes=5, channels=16)))
-        >>> seg(torch.randn(1, 3, 64, 64)).shape
-        torch.Size([1, 5, 64, 64])
+        >>> seg(torch.randn(1, 3, 64, 64)).shape, seg.num_classes
+        (torch.Size([1, 5, 64, 64]), 5)
     """
 
-    def __init__(self, encoder: nn.Module, decoder: DecodeHead) -> None:
+    def __init__(self, encoder: nn.Module, decoder: DecodeHead, mean: Sequence[float] = IMAGENET_MEAN,
+                 std: Sequence[float] = IMAGENET_STD) -> None:
         super().__init__()
         self.encoder = encoder
         self.decoder = decoder
+        self.mean, self.std = check_normalisation(mean, std)
+        self.num_classes = int(decoder.head.num_classes)
 
     def encoder_trainable(self) -> bool:
         return any(p.requires_grad for p in self.encoder.parameters())
@@ -223,8 +237,21 @@ class FeatureSegmentor(nn.Module):
         with torch.no_grad():
             return self.encoder(images)
 
-    def forward(self, images: Tensor) -> Tensor:
+    def forward(self, images: Tensor, labels: Tensor | None = None) -> Tensor:
+        """Logits ``(B, K, H, W)`` at the image size or, given ``labels``, the training loss."""
+        if labels is not None:
+            return self.loss(images, labels)
         return self.decoder.logits(self.decoder(self.encode(images)), images.shape[-2:])
+
+    def loss(self, images: Tensor, labels: Tensor, pixel_weights: Tensor | None = None) -> Tensor:
+        """The decoder's loss on the encoded images (:meth:`DecodeHead.loss`)."""
+        return self.decoder.loss(self.decoder(self.encode(images)), labels, pixel_weights)
+
+    def parameter_groups(self, lr: float, weight_decay: float, backbone_lr_mult: float = 0.1,
+                         no_decay: str = "small_tensors") -> list[dict]:
+        """AdamW groups (:func:`vfm_adapters.seg.optim.parameter_groups`): a trainable encoder at
+        ``lr * backbone_lr_mult``; no decay on 0/1-d tensors, embeddings and norms."""
+        return parameter_groups(self, lr, weight_decay, backbone_lr_mult, no_decay, host=self.encoder)
 
     def decode_modules(self) -> nn.ModuleDict:
         """The trained part (the decode head), as :class:`vfm_adapters.seg.Segmentor` names it."""
@@ -404,11 +431,11 @@ def self_training_step(
         augmented = augment_student_copy(unlabelled_images, config, step, generator)
 
     train_mode(model)  # frozen batch norms (a frozen CNN host) keep their statistics
-    loss_unlabelled = model.decoder.loss(model.decoder(model.encode(augmented)), pseudo)
+    loss_unlabelled = model.loss(augmented, pseudo)
     loss = config.unlabelled_weight * loss_unlabelled
     loss_source = torch.zeros(())
     if source_images is not None:
-        loss_source = model.decoder.loss(model.decoder(model.encode(source_images)), source_labels)
+        loss_source = model.loss(source_images, source_labels)
         loss = loss + config.source_weight * loss_source
 
     updated = _optimise(loss, model, teacher, optimizer, scheduler, grad_clip, step, config)
@@ -498,7 +525,7 @@ def self_training_mixed_step(
         targets[generated] = pseudo.to(targets.device)
 
     train_mode(model)  # frozen batch norms (a frozen CNN host) keep their statistics
-    loss = model.decoder.loss(model.decoder(model.encode(student_images)), targets)
+    loss = model.loss(student_images, targets)
     updated = _optimise(loss, model, teacher, optimizer, scheduler, grad_clip, step, config)
     return {"loss": float(loss.detach()), "generated": int(generated.sum()), "teacher_updated": updated,
             "pseudo_labels": None if pseudo is None else pseudo.detach(), "student_images": student_images,
@@ -639,7 +666,7 @@ class SourceTrainer:
     def step(self, images: Tensor, labels: Tensor) -> dict[str, Any]:
         """One supervised step on a labelled batch; returns ``{"loss"}``."""
         train_mode(self.model)
-        loss = self.model.decoder.loss(self.model.decoder(self.model.encode(images)), labels)
+        loss = self.model.loss(images, labels)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self.grad_clip:

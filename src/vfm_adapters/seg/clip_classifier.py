@@ -24,14 +24,14 @@ computes the text side from any text encoder, :func:`transformers_text_encoder` 
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["CLIP_TEMPLATES", "DEFAULT_TEXT_MODEL", "CLIPTextClassifier", "class_name_embeddings",
-           "transformers_text_encoder"]
+__all__ = ["CLIP_TEMPLATES", "DEFAULT_TEXT_MODEL", "CLIPTextClassifier", "build_clip_classifier",
+           "class_name_embeddings", "transformers_text_encoder"]
 
 #: The 14 prompt templates of FC-CLIP and CLOUDS (ViLD's).
 CLIP_TEMPLATES = (
@@ -177,3 +177,44 @@ class CLIPTextClassifier(nn.Module):
             start += count
         pooled.append(scores[..., -1])
         return torch.stack(pooled, dim=-1)
+
+
+def build_clip_classifier(spec: Mapping[str, Any], hidden_dim: int, num_classes: int, encode: bool = True) -> nn.Module:
+    """CLOUDS' FC-CLIP-style classifier from a ``head_options.classifier`` mapping.
+
+    Keys: ``type: clip``; ``class_names`` (default: Cityscapes' 19 when ``num_classes`` is
+    19); ``text_model`` (a transformers CLIP id, :data:`~vfm_adapters.seg.clip_classifier.DEFAULT_TEXT_MODEL`);
+    ``embed_dim`` (768); ``templates`` (the 14 of FC-CLIP). The class names are encoded
+    now unless ``encode`` is False (a checkpoint will fill them) or the parameters live
+    on the meta device.
+
+    Example:
+        >>> with torch.device("meta"):
+        ...     clf = build_clip_classifier({"type": "clip"}, hidden_dim=16, num_classes=19)
+        >>> type(clf).__name__, clf.num_classes, tuple(clf.text_embeddings.shape)
+        ('CLIPTextClassifier', 19, (19, 768))
+    """
+    from .config import ConfigError
+    from .datasets import CITYSCAPES_CLASSES
+
+    spec = dict(spec)
+    accepted = {"type", "class_names", "text_model", "embed_dim", "templates"}
+    unknown = sorted(set(spec) - accepted)
+    if unknown or spec.get("type", "clip") != "clip":
+        raise ConfigError(f"head_options.classifier: type must be 'clip' and keys among {sorted(accepted)}, "
+                                       f"got {dict(spec)}")
+    names = spec.get("class_names")
+    if names is None:
+        if num_classes != len(CITYSCAPES_CLASSES):
+            raise ConfigError("head_options.classifier.class_names is needed unless num_classes is 19 "
+                                           "(Cityscapes)")
+        names = list(CITYSCAPES_CLASSES)
+    if len(names) != num_classes:
+        raise ConfigError(f"{len(names)} class names for {num_classes} classes")
+    counts = [len([n for n in str(name).split(",") if n.strip()]) for name in names]
+    classifier = CLIPTextClassifier(hidden_dim, int(spec.get("embed_dim", 768)), counts)
+    if encode and classifier.text_embeddings.device.type != "meta":
+        text = transformers_text_encoder(spec.get("text_model") or DEFAULT_TEXT_MODEL)
+        embeddings, _ = class_name_embeddings(names, text, spec.get("templates") or CLIP_TEMPLATES)
+        classifier.set_text_embeddings(embeddings)
+    return classifier

@@ -71,6 +71,7 @@ class DAFormerHead(nn.Module):
     def __init__(self, in_channels: Sequence[int], num_classes: int, channels: int = 256, dropout: float = 0.1,
                  dilations: Sequence[int] = (1, 6, 12, 18), embed_dims: int = 256, norm: str = "batch") -> None:
         super().__init__()
+        self.num_classes = num_classes
         self.embed = nn.ModuleList(nn.Conv2d(c, embed_dims, 1) for c in in_channels)
         fused = embed_dims * len(in_channels)
         branches = []

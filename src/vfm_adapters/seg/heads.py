@@ -10,15 +10,18 @@ Both are trained with per-pixel cross-entropy ignoring 255 (:func:`segmentation_
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._registry import Registry
-from .datasets import IGNORE_INDEX
+from .config import METHOD_DEFAULTS
 from .features import BackboneFeatures, build_neck, check_stage_scales
+from .model import check_normalisation, segmentation_loss
+from .optim import parameter_groups
+from .transforms import IMAGENET_MEAN, IMAGENET_STD
 
 
 def _norm(channels: int) -> nn.GroupNorm:
@@ -38,8 +41,6 @@ class FPNHead(nn.Module):
         num_classes: Output classes.
         channels: Internal width.
         dropout: Dropout before the classifier.
-        neck: ``"learnable"`` (default), ``"interpolate"`` (the paper's, parameter-free)
-            or ``"multilevel"``; see :func:`~vfm_adapters.seg.features.build_neck`.
 
     Example:
         >>> head = FPNHead([8, 8, 8, 8], num_classes=5, channels=16)
@@ -54,6 +55,7 @@ class FPNHead(nn.Module):
         self.refine = nn.ModuleList(_conv(channels, channels, 3) for _ in in_channels)
         self.dropout = nn.Dropout2d(dropout) if dropout > 0 else nn.Identity()
         self.classifier = nn.Conv2d(channels, num_classes, 1)
+        self.num_classes = num_classes
 
     def forward(self, features: Sequence[Tensor]) -> Tensor:
         laterals = [layer(f) for layer, f in zip(self.lateral, features)]
@@ -80,6 +82,7 @@ class LinearHead(nn.Module):
         self.norm = _norm(total)
         self.dropout = nn.Dropout2d(dropout) if dropout > 0 else nn.Identity()
         self.classifier = nn.Conv2d(total, num_classes, 1)
+        self.num_classes = num_classes
 
     def forward(self, features: Sequence[Tensor]) -> Tensor:
         size = features[0].shape[-2:]
@@ -90,25 +93,6 @@ class LinearHead(nn.Module):
 
 # Head classes by config name; assigning a taken name raises (use HEADS.register(..., replace=True)).
 HEADS: Registry[type[nn.Module]] = Registry("segmentation head", {"fpn": FPNHead, "linear": LinearHead})
-
-
-def segmentation_loss(logits: Tensor, labels: Tensor, ignore_index: int = IGNORE_INDEX) -> Tensor:
-    """Per-pixel cross-entropy at label resolution, ignoring ``ignore_index``.
-
-    Logits are upsampled (bilinear) to the label size first. A batch whose pixels are
-    all ignored gives a zero loss that still has a graph (no NaN).
-
-    Example:
-        >>> logits = torch.zeros(1, 3, 2, 2, requires_grad=True)
-        >>> round(segmentation_loss(logits, torch.tensor([[[0, 1], [2, 255]]])).item(), 4)
-        1.0986
-    """
-    if logits.shape[-2:] != labels.shape[-2:]:
-        logits = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
-    valid = labels != ignore_index
-    if not bool(valid.any()):
-        return logits.sum() * 0.0
-    return F.cross_entropy(logits.float(), labels, ignore_index=ignore_index)
 
 
 class Segmentor(nn.Module):
@@ -123,6 +107,10 @@ class Segmentor(nn.Module):
         head_channels: Width of the FPN head.
         scales: Neck resampling factors, one per feature layer.
         dropout: Dropout before the classifier.
+        neck: ``"learnable"`` (default), ``"interpolate"`` (the paper's, parameter-free)
+            or ``"multilevel"``; see :func:`~vfm_adapters.seg.features.build_neck`.
+        mean: Per-channel mean (0-255 RGB) of the images this model expects.
+        std: Per-channel standard deviation, as ``mean``.
 
     Example:
         >>> import timm, vfm_adapters as va
@@ -143,6 +131,8 @@ class Segmentor(nn.Module):
         scales: Sequence[float] = (4, 2, 1, 0.5),
         dropout: float = 0.1,
         neck: str = "learnable",
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
     ) -> None:
         super().__init__()
         if head not in HEADS:
@@ -155,6 +145,7 @@ class Segmentor(nn.Module):
         self.neck = build_neck(neck, channels, scales)
         self.head = HEADS[head](self.neck.out_channels, num_classes, head_channels, dropout)
         self.num_classes = num_classes
+        self.mean, self.std = check_normalisation(mean, std)
         self.settings = {"num_classes": num_classes, "layers": list(self.features.layers), "head": head,
                          "head_channels": head_channels, "scales": [float(s) for s in scales], "dropout": dropout, "neck": neck}
 
@@ -167,7 +158,54 @@ class Segmentor(nn.Module):
         """The neck and head: the trained parts saved next to the adapters."""
         return nn.ModuleDict({"neck": self.neck, "head": self.head})
 
-    def forward(self, images: Tensor) -> Tensor:
+    def forward(self, images: Tensor, labels: Tensor | None = None) -> Tensor:
+        """Logits ``(B, K, H, W)`` at the image size or, given ``labels``, the training loss."""
+        if labels is not None:
+            return self.loss(images, labels)
         maps = self.neck(self.features(images))
         logits = self.head(maps)
         return F.interpolate(logits, size=images.shape[-2:], mode="bilinear", align_corners=False)
+
+    def loss(self, images: Tensor, labels: Tensor, pixel_weights: Tensor | None = None) -> Tensor:
+        """Per-pixel cross-entropy (255 ignored; weighted by ``pixel_weights`` if given)."""
+        return segmentation_loss(self(images), labels, pixel_weights=pixel_weights)
+
+    def parameter_groups(self, lr: float, weight_decay: float, backbone_lr_mult: float = 0.1,
+                         no_decay: str = "authors") -> list[dict]:
+        """AdamW groups (:func:`vfm_adapters.seg.optim.parameter_groups`): the host's own weights at
+        ``lr * backbone_lr_mult``, no decay on what the Rein authors exempt."""
+        return parameter_groups(self, lr, weight_decay, backbone_lr_mult, no_decay)
+
+    #: Method options used with these heads unless a config says otherwise: no query link
+    #: (a light head has no object queries; the link would be parameters without gradients).
+    method_defaults: Mapping[str, Mapping[str, Any]] = METHOD_DEFAULTS
+
+    @classmethod
+    def from_config(cls, backbone: nn.Module, model_config: Mapping[str, Any]) -> "Segmentor":
+        """The segmentor of a training config's ``model`` section around an adapted ``backbone``."""
+        return cls(backbone, int(model_config["num_classes"]), layers=model_config.get("layers"),
+                   head=model_config["head"], head_channels=int(model_config["head_channels"]),
+                   scales=model_config["scales"], dropout=float(model_config["dropout"]),
+                   neck=model_config.get("neck") or "learnable", mean=model_config["mean"], std=model_config["std"])
+
+    @classmethod
+    def from_settings(cls, backbone: nn.Module, settings: Mapping[str, Any], **options: Any) -> "Segmentor":
+        """Rebuilds a segmentor from its ``settings`` (as saved in ``segmentor.json``); ``options``
+        (``mean``, ``std``) are passed on.
+
+        Example:
+            >>> import timm
+            >>> vit = timm.create_model("vit_tiny_patch16_224", depth=2, img_size=32)
+            >>> seg = Segmentor(vit, num_classes=3, head_channels=8)
+            >>> Segmentor.from_settings(vit, seg.settings).load_state_dict(seg.state_dict())
+            <All keys matched successfully>
+        """
+        s = settings
+        return cls(backbone, s["num_classes"], layers=s["layers"], head=s["head"], head_channels=s["head_channels"],
+                   scales=s["scales"], dropout=s["dropout"], neck=s.get("neck", "learnable"), **options)
+
+    @staticmethod
+    def build_head(name: str, in_channels: Sequence[int], model_config: Mapping[str, Any]) -> nn.Module:
+        """The light head ``name`` over feature maps of ``in_channels`` (a features-only encoder's)."""
+        return HEADS[name](in_channels, int(model_config["num_classes"]), int(model_config["head_channels"]),
+                           float(model_config["dropout"]))

@@ -47,6 +47,9 @@ from transformers.models.mask2former.modeling_mask2former import (
 
 from .datasets import IGNORE_INDEX
 from .features import BackboneFeatures, build_neck, check_stage_scales
+from .model import PixelWeightsUnsupported, check_normalisation
+from .optim import parameter_groups
+from .transforms import IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = [
     "Mask2FormerHead",
@@ -480,6 +483,8 @@ class Mask2FormerSegmentor(nn.Module):
             Rein with ``link_queries`` (then ``num_queries`` is Rein's token count).
         neck: ``"learnable"`` (default), ``"interpolate"`` (the paper's, parameter-free)
             or ``"multilevel"``; see :func:`~vfm_adapters.seg.features.build_neck`.
+        mean: Per-channel mean (0-255 RGB) of the images this model expects.
+        std: Per-channel standard deviation, as ``mean``.
         **head_options: Fields of :class:`Mask2FormerHeadConfig`.
 
     Example:
@@ -493,8 +498,9 @@ class Mask2FormerSegmentor(nn.Module):
         (True, torch.Size([1, 3, 56, 56]))
     """
 
-    #: ``forward(images, labels)`` returns the training loss (a trainer checks this flag).
-    computes_loss = True
+    #: Method options used with this head unless a config says otherwise: Rein links its
+    #: tokens to the object queries, as in the paper.
+    method_defaults: Mapping[str, Mapping[str, Any]] = {"rein": {"link_queries": True}}
 
     def __init__(
         self,
@@ -504,9 +510,12 @@ class Mask2FormerSegmentor(nn.Module):
         scales: Sequence[float] = (4, 2, 1, 0.5),
         link_rein_queries: bool | None = None,
         neck: str = "learnable",
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
         **head_options: Any,
     ) -> None:
         super().__init__()
+        self.mean, self.std = check_normalisation(mean, std)
         self.features = BackboneFeatures(backbone, layers)
         if len(scales) != 4 or len(self.features.layers) != 4:
             raise ValueError(f"the Mask2Former head needs 4 feature layers and 4 neck scales, got layers "
@@ -550,8 +559,15 @@ class Mask2FormerSegmentor(nn.Module):
         """The head's raw output for a batch of normalised images."""
         return self.head(self.neck(self.features(images)), queries=self.queries())
 
-    def loss(self, images: Tensor, labels: Tensor) -> Tensor:
-        """Training loss of a batch: images ``(B, 3, H, W)``, labels ``(B, H, W)``."""
+    def loss(self, images: Tensor, labels: Tensor, pixel_weights: Tensor | None = None) -> Tensor:
+        """Training loss of a batch (matching + class, mask and dice losses): images
+        ``(B, 3, H, W)``, labels ``(B, H, W)``. Set prediction has no per-pixel loss to
+        weight, so ``pixel_weights`` (DACS) is refused."""
+        if pixel_weights is not None:
+            raise PixelWeightsUnsupported(
+                "Mask2Former is trained by set prediction (Hungarian matching, mask and dice losses); it has no "
+                "per-pixel loss to weight, so DACS' confidence-weighted pseudo labels cannot train it. Use a "
+                "per-pixel head (fpn, linear, daformer) for DACS")
         return self.head.loss(self.forward_train(images), labels)
 
     def forward(self, images: Tensor, labels: Tensor | None = None) -> Tensor:
@@ -564,9 +580,38 @@ class Mask2FormerSegmentor(nn.Module):
             return self.loss(images, labels)
         return self.head.predict(self.forward_train(images), size=images.shape[-2:])
 
+    def parameter_groups(self, lr: float, weight_decay: float, backbone_lr_mult: float = 0.1,
+                         no_decay: str = "authors") -> list[dict]:
+        """AdamW groups (:func:`vfm_adapters.seg.optim.parameter_groups`)."""
+        return parameter_groups(self, lr, weight_decay, backbone_lr_mult, no_decay)
+
     @classmethod
-    def from_settings(cls, backbone: nn.Module, settings: Mapping[str, Any]) -> "Mask2FormerSegmentor":
-        """Rebuilds a segmentor from its ``settings`` (as saved in ``segmentor.json``).
+    def from_config(cls, backbone: nn.Module, model_config: Mapping[str, Any]) -> "Mask2FormerSegmentor":
+        """The segmentor of a training config's ``model`` section (``head_options`` are head fields)."""
+        return cls(backbone, int(model_config["num_classes"]), layers=model_config.get("layers"),
+                   scales=model_config["scales"], neck=model_config.get("neck") or "learnable",
+                   mean=model_config["mean"], std=model_config["std"],
+                   **dict(model_config.get("head_options") or {}))
+
+    @staticmethod
+    def build_head(name: str, in_channels: Sequence[int], model_config: Mapping[str, Any]) -> "Mask2FormerHead":
+        """A Mask2Former head over a features-only encoder's maps; ``head_options.classifier``
+        swaps in CLOUDS' CLIP text classifier (:func:`~vfm_adapters.seg.clip_classifier.build_clip_classifier`)."""
+        from .clip_classifier import build_clip_classifier
+
+        num_classes = int(model_config["num_classes"])
+        options = dict(model_config.get("head_options") or {})
+        classifier = options.pop("classifier", None)
+        head = Mask2FormerHead(num_classes, in_channels, **options)
+        if classifier:
+            head.class_predictor = build_clip_classifier(classifier, head.config.hidden_dim, num_classes,
+                                                         encode=not model_config.get("decoder_checkpoint"))
+        return head
+
+    @classmethod
+    def from_settings(cls, backbone: nn.Module, settings: Mapping[str, Any], **options: Any) -> "Mask2FormerSegmentor":
+        """Rebuilds a segmentor from its ``settings`` (as saved in ``segmentor.json``); ``options``
+        (``mean``, ``std``) are passed on.
 
         Example:
             >>> import timm, vfm_adapters as va
@@ -579,27 +624,22 @@ class Mask2FormerSegmentor(nn.Module):
             >>> again.load_state_dict(seg.state_dict())
             <All keys matched successfully>
         """
-        options = dict(settings)
-        if options.pop("head", "mask2former") != "mask2former":
+        saved = dict(settings)
+        if saved.pop("head", "mask2former") != "mask2former":
             raise ValueError("these settings are not those of a Mask2Former segmentor")
-        return cls(backbone, int(options.pop("num_classes")), **options)
+        return cls(backbone, int(saved.pop("num_classes")), **saved, **options)
 
 
-#: Method options used with this head unless a config says otherwise: Rein links its
-#: tokens to the object queries, as in the paper.
-MASK2FORMER_METHOD_DEFAULTS: dict[str, dict[str, Any]] = {"rein": {"link_queries": True}}
+#: Method options used with this head unless a config says otherwise (kept for existing imports).
+MASK2FORMER_METHOD_DEFAULTS = Mask2FormerSegmentor.method_defaults
 
 
 def build_mask2former_segmentor(model_config: Mapping[str, Any], **head_options: Any) -> Mask2FormerSegmentor:
     """Builds host + adapters + neck + Mask2Former head from a training config's ``model`` section.
 
-    The ``model`` section is that of :mod:`vfm_adapters.seg.training` with
-    ``head: mask2former``; the host comes from its ``build_backbone`` (timm name,
-    ``backbone_kwargs``, ``pretrained`` with ``pretrained_cfg_overlay: {file: ...}`` for
-    local weights, or ``backbone_checkpoint``). Methods are injected as there, except
-    that Rein keeps its query link by default. ``"full"`` trains the host, ``"freeze"``
-    (or no method) trains only neck and head. Head options (tiny sizes in tests) are
-    keyword arguments; the defaults are the paper's head.
+    The same as :func:`vfm_adapters.seg.build.build_segmentor` with ``head: mask2former``
+    and ``head_options`` given as keyword arguments (tiny sizes in tests; the defaults are
+    the paper's head). Rein keeps its query link by default.
 
     Example:
         >>> seg = build_mask2former_segmentor(
@@ -611,17 +651,14 @@ def build_mask2former_segmentor(model_config: Mapping[str, Any], **head_options:
         >>> seg.head.link_rein_queries, seg.head.config.num_queries
         (True, 4)
     """
-    from . import training
+    from .build import build_segmentor
+    from .config import DEFAULTS
 
-    config = {**training.DEFAULTS["model"], "head": "mask2former", **dict(model_config)}
+    config = {**DEFAULTS["model"], "head": "mask2former", **dict(model_config)}
     if config["head"] != "mask2former":
         raise ValueError(f"build_mask2former_segmentor builds head 'mask2former', the config says {config['head']!r}")
-    backbone = training.build_adapted_backbone(config, MASK2FORMER_METHOD_DEFAULTS)
-    segmentor = Mask2FormerSegmentor(backbone, int(config["num_classes"]), layers=config.get("layers"),
-                                     scales=config["scales"], neck=config.get("neck") or "learnable",
-                                     **head_options)
-    segmentor.mean, segmentor.std = tuple(config["mean"]), tuple(config["std"])
-    return segmentor
+    config["head_options"] = {**dict(config.get("head_options") or {}), **head_options}
+    return build_segmentor(config)
 
 
 # ----------------------------------------------------------------------------- the authors' (mmdet) head

@@ -101,7 +101,10 @@ from .._io import append_text, torch_save, write_atomically
 from ..checkpoint import save_adapters
 from ..methods.base import adapter_parameters, get_method, inject, injected_methods
 from .datasets import build_dataset
-from .heads import Segmentor, segmentation_loss
+from .build import build_adapted_backbone, build_backbone, build_segmentor, segmentor_class  # noqa: F401
+from .heads import Segmentor
+from .model import segmentation_loss, train_mode  # noqa: F401
+from .optim import build_scheduler, no_weight_decay, parameter_groups, poly_factor  # noqa: F401
 from .inference import evaluate
 from .label_checks import check_dataset_labels, check_label_range
 from .run_dir import check_run_dir, discard_replaced, existing_entries, prepare_run_dir, truncate_log
@@ -117,186 +120,6 @@ CHECKPOINT_NAME = "checkpoint.pt"
 
 class TrainingDivergedError(RuntimeError):
     """The loss became NaN or infinite; training stopped before the step that would save such weights."""
-
-
-# ----------------------------------------------------------------------------- model
-def build_backbone(model_config: Mapping[str, Any]) -> nn.Module:
-    """Creates the timm host and loads ``backbone_checkpoint`` (safetensors or torch) if given."""
-    import timm
-
-    resample = model_config.get("patch_resample") or "timm"
-    if resample == "bicubic":  # the Rein authors' 14 -> 16 conversion (see seg/patch_resample.py)
-        from .patch_resample import create_host_bicubic
-
-        backbone = create_host_bicubic(model_config["backbone"], bool(model_config["pretrained"]),
-                                       model_config.get("backbone_kwargs") or {})
-    elif resample == "timm":
-        backbone = timm.create_model(model_config["backbone"], pretrained=bool(model_config["pretrained"]),
-                                     num_classes=0, **dict(model_config.get("backbone_kwargs") or {}))
-    else:
-        raise ConfigError(f"model.patch_resample must be 'bicubic' (the Rein authors') or 'timm' (pseudo-inverse), "
-                          f"got {resample!r}")
-    checkpoint = model_config.get("backbone_checkpoint")
-    if checkpoint:
-        path = Path(checkpoint)
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state = load_file(str(path))
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-            state = state.get("state_dict", state) if isinstance(state, dict) else state
-        missing, unexpected = backbone.load_state_dict(state, strict=False)
-        missing = [k for k in missing if not k.startswith("head")]
-        if missing or unexpected:
-            raise ConfigError(f"backbone checkpoint {path} does not fit {model_config['backbone']}: "
-                              f"missing {missing[:5]}, unexpected {list(unexpected)[:5]}")
-    return backbone
-
-
-def train_mode(model: nn.Module) -> nn.Module:
-    """``model.train()``, except that frozen batch norms stay in eval mode.
-
-    A frozen CNN host (ResNet with Rein, as the Rein authors train it) must keep its
-    batch-norm running statistics; in train mode they would follow each batch even though
-    no parameter of the host trains. Batch norms with trainable parameters (full
-    fine-tuning) train as usual.
-
-    Example:
-        >>> net = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)).requires_grad_(False)
-        >>> train_mode(net)[1].training, net[0].training
-        (False, True)
-    """
-    model.train()
-    for module in model.modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm):
-            params = list(module.parameters(recurse=False))
-            if params and not any(p.requires_grad for p in params):
-                module.eval()
-    return model
-
-
-def build_adapted_backbone(
-    model_config: Mapping[str, Any], method_defaults: Mapping[str, Mapping[str, Any]] = METHOD_DEFAULTS
-) -> nn.Module:
-    """The host with the config's methods injected and ``requires_grad`` set for training.
-
-    ``methods`` may name several registered methods (via ``get_method``); ``"freeze"``
-    (or an empty list) injects nothing, ``"full"`` or ``train_backbone`` keeps the host
-    trainable. ``method_defaults`` are per-method options that ``method_options`` override.
-    """
-    backbone = build_backbone(model_config)
-    methods = list(model_config.get("methods") or [])
-    for name in methods:
-        if name in ("freeze", "full", "none"):
-            continue
-        method = get_method(name)
-        accepted = set(getattr(method.config_class, "__dataclass_fields__", {}))
-        options = {k: v for k, v in method_defaults.get(name, {}).items() if k in accepted}
-        options.update(dict((model_config.get("method_options") or {}).get(name, {})))
-        inject(backbone, name, method.config_class(**options), freeze_host=True)
-    train_backbone = bool(model_config.get("train_backbone")) or "full" in methods
-    adapter_ids = {id(p) for p in adapter_parameters(backbone)}
-    for param in backbone.parameters():
-        param.requires_grad_(train_backbone or id(param) in adapter_ids)
-    return backbone
-
-
-def build_segmentor(model_config: Mapping[str, Any]) -> Segmentor:
-    """Host + adapter methods (any registered, via ``get_method``) + neck + head.
-
-    ``methods`` may name several registered methods; ``"freeze"`` (or an empty list)
-    means no adapter: the frozen host with a trained head. With ``train_backbone`` the
-    host stays trainable (full fine-tuning).
-
-    Example:
-        >>> seg = build_segmentor({**DEFAULTS["model"], "backbone": "vit_tiny_patch16_224",
-        ...     "backbone_kwargs": {"img_size": 32, "depth": 2}, "num_classes": 3, "head_channels": 16})
-        >>> injected_methods(seg.backbone)
-        ['rein']
-    """
-    if model_config.get("head") == "mask2former":
-        from .mask2former import build_mask2former_segmentor
-
-        return build_mask2former_segmentor(model_config, **dict(model_config.get("head_options") or {}))
-    backbone = build_adapted_backbone(model_config)
-    segmentor = Segmentor(backbone, int(model_config["num_classes"]), layers=model_config.get("layers"),
-                          head=model_config["head"], head_channels=int(model_config["head_channels"]),
-                          scales=model_config["scales"], dropout=float(model_config["dropout"]),
-                          neck=model_config.get("neck") or "learnable")
-    segmentor.mean, segmentor.std = tuple(model_config["mean"]), tuple(model_config["std"])
-    return segmentor
-
-
-def no_weight_decay(name: str, param: nn.Parameter) -> bool:
-    """True for tokens, scales, embeddings, prompts, norm weights and biases (any 0/1-d tensor).
-
-    Matches name components, so ``tokens_a``, ``cls_token``, ``pos_embed``, ``scale``,
-    ``prompts`` and anything under a ``norm`` module are exempt, but Rein's
-    ``token_to_feature.weight`` (a Linear layer) is decayed.
-
-    Example:
-        >>> no_weight_decay("features.model.vfm_adapters.rein.tokens_a", torch.zeros(2, 3, 4))
-        True
-        >>> no_weight_decay("features.model.vfm_adapters.rein.token_to_feature.weight", torch.zeros(4, 4))
-        False
-    """
-    if param.ndim <= 1:
-        return True
-    parts = name.lower().split(".")
-    last = parts[-1]
-    if last.startswith("token") or last.endswith(("_token", "_tokens")) or "scale" in last or last == "gamma":
-        return True
-    # Mask2Former's query tables and level embeddings are embeddings too (no decay in mmseg's recipe).
-    return any("pos_embed" in part or "position_embedding" in part or "prompt" in part or "norm" in part
-               or part.startswith("queries_") or part == "level_embed"
-               or part in ("embeddings_position", "register_tokens") for part in parts)
-
-
-def parameter_groups(model: Segmentor, lr: float, weight_decay: float, backbone_lr_mult: float = 0.1,
-                     no_decay: str = "authors") -> list[dict]:
-    """AdamW groups: decay / no decay, and the host's own weights at ``lr * backbone_lr_mult``.
-
-    ``no_decay="authors"`` (default, ``optim.no_decay``) exempts exactly what the Rein
-    authors' configs exempt (:func:`vfm_adapters.optim.no_decay_names`: norms, query
-    and level embeddings, Rein's tokens and scale; biases decay); ``"small_tensors"``
-    is the earlier rule of :func:`no_weight_decay` (also biases, positions, prompts).
-    """
-    from ..optim import no_decay_names
-
-    if no_decay not in ("authors", "small_tensors"):
-        raise ConfigError(f"optim.no_decay must be 'authors' or 'small_tensors', got {no_decay!r}")
-    exempt = no_decay_names(model) if no_decay == "authors" else None
-    adapter_ids = {id(p) for p in adapter_parameters(model.backbone)}
-    host_ids = {id(p) for p in model.backbone.parameters()} - adapter_ids
-    groups: dict[tuple[bool, bool], dict] = {}
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        host = id(param) in host_ids
-        decay = not (exempt[name] if exempt is not None else no_weight_decay(name, param))
-        group = groups.setdefault((host, decay), {
-            "params": [], "names": [], "lr": lr * (backbone_lr_mult if host else 1.0),
-            "weight_decay": weight_decay if decay else 0.0})
-        group["params"].append(param)
-        group["names"].append(name)
-    if not groups:
-        raise ConfigError("nothing to train: no adapter, head or backbone parameter requires gradients")
-    return [groups[key] for key in sorted(groups)]
-
-
-def poly_factor(step: int, total: int, power: float = 0.9, warmup_iters: int = 0, warmup_ratio: float = 1e-6,
-                min_ratio: float = 0.0) -> float:
-    """Learning-rate factor at ``step``: linear warm-up, then ``(1 - step/total) ** power``.
-
-    Example:
-        >>> poly_factor(0, 100), round(poly_factor(50, 100, power=1.0), 3), poly_factor(100, 100)
-        (1.0, 0.5, 0.0)
-    """
-    factor = (1.0 - min(step, total) / total) ** power * (1 - min_ratio) + min_ratio
-    if warmup_iters > 0 and step < warmup_iters:
-        factor *= warmup_ratio + (1 - warmup_ratio) * step / warmup_iters
-    return factor
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -510,16 +333,9 @@ def load_segmentor(directory: str | os.PathLike, map_location: str | torch.devic
         raise RunManifestError(f"{directory / 'adapters'} holds {injected_methods(backbone)} but the run was saved "
                                f"with {manifest['methods']}")
     settings = info["settings"]
-    if settings["head"] == "mask2former":
-        from .mask2former import Mask2FormerSegmentor
-
-        model = Mask2FormerSegmentor.from_settings(backbone, settings)
-    else:
-        model = Segmentor(backbone, settings["num_classes"], layers=settings["layers"], head=settings["head"],
-                          head_channels=settings["head_channels"], scales=settings["scales"], dropout=settings["dropout"],
-                          neck=settings.get("neck", "learnable"))
+    model = segmentor_class(settings["head"]).from_settings(backbone, settings, mean=model_config["mean"],
+                                                             std=model_config["std"])
     model.decode_modules().load_state_dict(load_file(str(directory / "head.safetensors")))
-    model.mean, model.std = tuple(model_config["mean"]), tuple(model_config["std"])
     return model.to(map_location).eval(), info
 
 
@@ -628,19 +444,11 @@ def train(config: str | os.PathLike | Mapping[str, Any], resume: bool = False, s
     np.random.seed(seed)
     torch.manual_seed(seed)
     model = build_segmentor(mc)
-    groups = parameter_groups(model, oc["lr"], oc["weight_decay"], oc["backbone_lr_mult"], oc["no_decay"])
+    groups = model.parameter_groups(oc["lr"], oc["weight_decay"], oc["backbone_lr_mult"], oc["no_decay"])
     optimizer = torch.optim.AdamW([{k: v for k, v in g.items() if k != "names"} for g in groups],
                                   lr=oc["lr"], betas=tuple(oc["betas"]))
     total = int(tc["iterations"])
-    min_ratio = oc["min_lr"] / oc["lr"] if oc["lr"] > 0 else 0.0
-    if oc["schedule"] == "warmup_poly_restart":
-        from ..optim import warmup_poly_restart_factor
-
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup_poly_restart_factor(
-            step, total, int(oc["warmup_iters"]), oc["warmup_ratio"], oc["poly_power"], min_ratio))
-    else:
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: poly_factor(
-            step, total, oc["poly_power"], oc["warmup_iters"], oc["warmup_ratio"], min_ratio))
+    scheduler = build_scheduler(optimizer, oc, total)
 
     start, elapsed = 0, 0.0
     checkpoint_path = output_dir / CHECKPOINT_NAME
@@ -705,7 +513,6 @@ def train(config: str | os.PathLike | Mapping[str, Any], resume: bool = False, s
     bar = tqdm(total=total, initial=start, desc="train", disable=not (progress and accelerator.is_main_process),
                dynamic_ncols=True)
     started, loss_value, running = time.perf_counter(), float("nan"), []
-    computes_loss = bool(getattr(raw_model, "computes_loss", False))
     step = start
     last_saved = start if start > 0 else None  # the step of the checkpoint on disk that this run wrote or resumed
     for step in range(start, end):
@@ -717,11 +524,8 @@ def train(config: str | os.PathLike | Mapping[str, Any], resume: bool = False, s
             check_label_range(labels, num_classes, data["path"])
             context = accelerator.no_sync(model) if micro < accum - 1 else nullcontext()
             with context:
-                with accelerator.autocast():
-                    if computes_loss:  # Mask2Former: matching + its own losses, inside forward (DDP-safe)
-                        loss = model(images, labels) / accum
-                    else:
-                        loss = segmentation_loss(model(images), labels) / accum
+                with accelerator.autocast():  # the model's own loss, inside forward (DDP-safe)
+                    loss = model(images, labels) / accum
                 accelerator.backward(loss)
             step_loss += float(loss.detach())
         _stop_if_diverged(accelerator, step_loss, step + 1, checkpoint_path, last_saved)
