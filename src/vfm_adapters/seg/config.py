@@ -21,6 +21,72 @@ are applied to the file's mapping before validation, so an override with a typo 
 exactly like the same typo in the file.
 
 The config reference (every key and its meaning) is in :mod:`vfm_adapters.seg.training`.
+
+Config reference (YAML or JSON; every key optional except the data)::
+
+    model:
+      backbone: vit_large_patch14_dinov2   # timm model name
+      backbone_kwargs: {img_size: 512}     # passed to timm.create_model
+      pretrained: false                    # timm pretrained weights (needs a download)
+      patch_resample: timm                 # another patch_size: timm (pseudo-inverse) | bicubic (the Rein authors')
+      backbone_checkpoint: null            # a .safetensors/.pt state dict for the host
+      methods: [rein]                      # registered methods; [] or [freeze] = head only
+      method_options: {rein: {link_queries: false}}
+      train_backbone: false                # full fine-tuning (lr x optim.backbone_lr_mult)
+      layers: null                         # feature blocks (default [7, 11, 15, 23] of 24)
+      scales: [4, 2, 1, 0.5]
+      neck: learnable                      # learnable | interpolate (the paper's) | multilevel (CLIP-L)
+      head: fpn                            # fpn | linear
+      head_channels: 256
+      dropout: 0.1
+      num_classes: 19
+      mean: [123.675, 116.28, 103.53]
+      std: [58.395, 57.12, 57.375]
+    data:
+      train: [{type: gta5, root: data/gta5, weight: 1.0}]
+      val: [{type: cityscapes, root: data/cityscapes, split: val, resize: [1024, 512]}]
+      crop_size: [512, 512]
+      resize: ratio_range                  # ratio_range | short_side_choice (the Rein authors')
+      short_sides: null                    # short_side_choice: null = int(crop * x * 0.1), x = 5..20
+      max_long_side: null                  # short_side_choice: null = 4 x crop (2048 at 512)
+      scale: [1280, 720]                   # ratio_range: keep-ratio rescale target, null = none
+      ratio_range: [0.5, 2.0]
+      cat_max_ratio: 0.75
+      flip: 0.5
+      photometric: true
+      num_workers: 2
+    optim:
+      lr: 1.0e-4
+      weight_decay: 0.05
+      no_decay: authors                    # the Rein authors' names (norms, query/level embeddings,
+                                           # Rein tokens and scale; biases decay) | small_tensors
+      betas: [0.9, 0.999]
+      backbone_lr_mult: 0.1
+      poly_power: 0.9
+      min_lr: 0.0
+      warmup_iters: 0
+      warmup_ratio: 1.0e-6
+      schedule: poly                       # poly (warm-up x one poly curve) | warmup_poly_restart (the
+                                           # authors' ACDC: LinearLR, then PolyLR restarting after warm-up)
+      grad_clip: null
+    train:
+      iterations: 40000
+      batch_size: 4                        # per process
+      grad_accum: 1
+      total_batch_size: null               # if set: grad_accum = total / (batch_size x processes)
+      seed: 0
+      mixed_precision: auto                # auto = bf16 on CUDA, else no
+      log_interval: 50
+      checkpoint_interval: 1000
+      eval_interval: 0                     # 0 = evaluate only at the end
+      output_dir: runs/rein
+      log_with: null                       # Accelerate trackers, e.g. tensorboard (extra) or [tensorboard, wandb]
+      find_unused_parameters: false        # DDP: needed when some trainable parameter gets no gradient
+    eval:
+      mode: slide                          # slide | whole
+      crop: 512
+      stride: 341
+      limit: null                          # evaluate on the first N images only
 """
 
 from __future__ import annotations
