@@ -2,9 +2,11 @@
 
 Readers for the standard domain-generalisation datasets (:mod:`.datasets`), aligned
 transforms (:mod:`.transforms`), multi-layer features with adapters active and Rein's
-neck (:mod:`.features`), light decode heads (:mod:`.heads`), sliding-window inference
-and mIoU (:mod:`.inference`, :mod:`.metrics`), resumable Accelerate training
-(:mod:`.training`) and the synthetic domain-shift demo (:mod:`.synthetic`, ``vfm-adapters demo``).
+neck (:mod:`.features`), light decode heads (:mod:`.heads`) and Mask2Former
+(:mod:`.mask2former`) behind one model interface (:mod:`.model`), sliding-window
+inference and mIoU (:mod:`.inference`, :mod:`.metrics`), resumable Accelerate training
+(:mod:`.config`, :mod:`.build`, :mod:`.optim`, :mod:`.checkpoints`, :mod:`.loop`,
+:mod:`.training`) and the synthetic domain-shift demo (:mod:`.synthetic`, ``vfm-adapters demo``).
 
 Example:
     >>> from vfm_adapters.seg import SyntheticScenes, confusion_matrix
@@ -30,13 +32,17 @@ from .datasets import (
     build_dataset,
 )
 from .features import BackboneFeatures, InterpolationNeck, MultiLevelNeck, MultiScaleNeck, build_neck, default_layers
-from .heads import FPNHead, LinearHead, Segmentor, segmentation_loss
+from .heads import HEADS, FPNHead, LinearHead, Segmentor
+from .model import SegmentationModel, model_loss, segmentation_loss
 from .daformer_head import DAFormerHead  # registers HEADS["daformer"]
 from .inference import evaluate, predict, slide_inference, whole_inference
 from .metrics import ConfusionMeter, confusion_matrix, iou_from_confusion, results_table, summarize
 from .sampling import AugmentedStream, StreamSampler, mix_datasets
 from .synthetic import DOMAINS, SYNTHETIC_CLASSES, SyntheticScenes
-from .training import build_segmentor, load_config, load_segmentor, save_segmentor, train
+from .build import SEGMENTORS, build_segmentor
+from .checkpoints import load_segmentor, save_segmentor
+from .config import load_config
+from .training import train
 from .transforms import (
     Compose,
     Normalize,
@@ -62,3 +68,4 @@ __all__ = [
     "segmentation_loss", "slide_inference", "summarize", "train", "train_transform", "whole_inference",
 ]
 __all__ += ["InterpolationNeck", "MultiLevelNeck", "build_neck", "Pad", "RandomChoiceResize"]
+__all__ += ["HEADS", "SEGMENTORS", "SegmentationModel", "model_loss"]
