@@ -1,16 +1,21 @@
 """Domain adaptation and self-training recipes on top of adapted vision foundation models.
 
 * :mod:`.dacs`: DACS (mean teacher, confidence-weighted pseudo labels, ClassMix, colour
-  jitter + blur) with DAFormer's options (EMA 0.999, warm-up, rare-class sampling);
-  ``docs/dacs.md``.
+  jitter + blur) with DAFormer's options (EMA 0.999, warm-up, rare-class sampling in
+  :mod:`.rare_class`, feature distance in :mod:`.feature_distance`; the mixing parts in
+  :mod:`.mixing`); ``docs/dacs.md``.
 * :mod:`.self_training` and :mod:`.sam_refine`: CLOUDS-style self-training with an EMA
   decode-head teacher and SAM refinement of pseudo labels on unlabelled (generated)
-  images; ``docs/self_training.md``.
+  images (:mod:`.data`); the features-only segmentor in :mod:`.feature_model`;
+  ``docs/self_training.md``.
 * :mod:`.generate`: street scenes from a diffusion model (optional ``diffusers``).
-* :mod:`.recipes`: YAML configs -> runs (``python -m vfm_adapters.adaptation CONFIG``).
+* :mod:`.recipes`: YAML configs -> runs (``vfm-adapters adapt CONFIG``), with the config
+  in :mod:`.config`, the data streams in :mod:`.loaders` and the resumable state in
+  :mod:`.checkpoints`.
 
-Every recipe works on any segmentor ``nn.Module`` mapping normalised images
-``(B, 3, H, W)`` to logits ``(B, K, H, W)``.
+Every recipe trains a :class:`~vfm_adapters.seg.model.SegmentationModel` with its own
+loss, or any ``nn.Module`` mapping normalised images ``(B, 3, H, W)`` to logits
+``(B, K, H, W)`` with per-pixel cross-entropy.
 
 Example:
     >>> import torch

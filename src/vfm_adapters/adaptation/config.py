@@ -48,7 +48,8 @@ from typing import Any, Iterable, Mapping
 from ..seg import config as seg_config
 from ..seg.config import ConfigError
 from .dacs import DACSConfig
-from .self_training import CLIP_CONVNEXT_L, SelfTrainingConfig
+from .feature_model import CLIP_CONVNEXT_L
+from .self_training import SelfTrainingConfig
 
 __all__ = ["DEFAULTS", "RECIPES", "load_adaptation_config"]
 

@@ -17,8 +17,9 @@ from ..seg.datasets import build_dataset
 from ..seg.sampling import AugmentedStream, StreamSampler
 from ..seg.transforms import (Compose, Normalize, PhotoMetricDistortion, RandomCrop, RandomFlip, RandomRescale,
                               Resize)
-from .dacs import RareClassCrops, RareClassPositions, RareClassSampler, class_pixel_counts
-from .self_training import MixedStream, SelfTrainingConfig, UnlabelledFolder
+from .data import MixedStream, UnlabelledFolder
+from .rare_class import RareClassCrops, RareClassPositions, RareClassSampler, class_pixel_counts
+from .self_training import SelfTrainingConfig
 
 __all__ = ["adaptation_transform", "mixes_batches", "training_streams"]
 

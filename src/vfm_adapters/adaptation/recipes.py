@@ -30,7 +30,8 @@ from .checkpoints import CHECKPOINT_NAME, load_adaptation_checkpoint, save_adapt
 from .config import DEFAULTS, load_adaptation_config
 from .dacs import DACSConfig, DACSTrainer, warmup_poly_lambda
 from .loaders import UNLABELLED_DATA, adaptation_transform, mixes_batches, training_streams
-from .self_training import DecodeHead, FeatureSegmentor, SelfTrainer, SelfTrainingConfig, SourceTrainer, TimmFeatureEncoder
+from .feature_model import DecodeHead, FeatureSegmentor, SourceTrainer, TimmFeatureEncoder
+from .self_training import SelfTrainer, SelfTrainingConfig
 
 __all__ = ["CHECKPOINT_NAME", "DEFAULTS", "adaptation_transform", "build_model", "build_trainer",
            "load_adaptation_checkpoint", "load_adaptation_config", "save_adaptation_checkpoint", "train_adaptation"]
