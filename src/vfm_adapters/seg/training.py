@@ -42,7 +42,7 @@ from .label_checks import check_dataset_labels, check_label_range
 from .loop import (LossNotFinite, StepSchedule, TrainingDivergedError, append_log, elapsed_since, open_run,
                    run_steps, seed_everything)
 from .metrics import results_table
-from .model import train_mode
+from .model import SegmentationModel, train_mode
 from .optim import build_scheduler
 from .run_dir import check_run_dir, discard_replaced, existing_entries
 from .sampling import AugmentedStream, StreamSampler
@@ -107,14 +107,14 @@ def build_val_sets(config: Mapping[str, Any]) -> dict[str, tuple[Any, dict]]:
     return sets
 
 
-def evaluate_sets(model: nn.Module, config: Mapping[str, Any], sets: Mapping[str, tuple[Any, dict]],
+def evaluate_sets(model: SegmentationModel, config: Mapping[str, Any], sets: Mapping[str, tuple[Any, dict]],
                   progress: bool = False) -> dict[str, dict]:
-    """Evaluates on every validation set with the config's protocol."""
-    ev, model_cfg = config["eval"], config["model"]
+    """Evaluates on every validation set with the config's protocol and the model's own normalisation."""
+    ev = config["eval"]
     results = {}
     for name, (dataset, options) in sets.items():
-        results[name] = evaluate(model, dataset, int(model_cfg["num_classes"]), mode=ev["mode"], crop=int(ev["crop"]),
-                                 stride=int(ev["stride"]), mean=model_cfg["mean"], std=model_cfg["std"],
+        results[name] = evaluate(model, dataset, int(model.num_classes), mode=ev["mode"], crop=int(ev["crop"]),
+                                 stride=int(ev["stride"]), mean=model.mean, std=model.std,
                                  limit=ev.get("limit"), progress=progress, **options)
     return results
 
