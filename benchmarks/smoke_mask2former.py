@@ -56,7 +56,8 @@ def synthetic_batches(count: int, batch: int, size: int, num_classes: int, devic
 
 def run(args: argparse.Namespace) -> dict:
     from vfm_adapters.seg.mask2former import build_mask2former_segmentor
-    from vfm_adapters.seg.training import load_config, parameter_groups
+    from vfm_adapters.seg.config import load_config
+    from vfm_adapters.seg.optim import parameter_groups
 
     config = load_config(args.config)
     model_config = dict(config["model"], pretrained=False)

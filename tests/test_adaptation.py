@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from vfm_adapters.seg.training import ConfigError
+from vfm_adapters.seg.config import ConfigError
 import timm
 import torch
 import transformers
@@ -480,7 +480,7 @@ def test_dacs_step_keeps_a_frozen_batch_norm_in_eval_mode():
 def test_dacs_with_a_mask2former_head_is_refused_when_the_config_loads(tmp_path, kind):
     """DACS would train Mask2Former's scores with a per-pixel loss (the wrong objective): refused up front."""
     from vfm_adapters.adaptation.recipes import load_adaptation_config
-    from vfm_adapters.seg.training import ConfigError
+    from vfm_adapters.seg.config import ConfigError
 
     config = {"recipe": "dacs", "model": {"kind": kind, "head": "mask2former"},
               "data": {"source": [{"type": "synthetic"}], "target": [{"type": "synthetic", "domain": "fog"}]},

@@ -153,7 +153,8 @@ def test_find_unused_parameters_reaches_ddp() -> None:
 def test_a_tracker_that_cannot_start_is_a_config_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import accelerate.tracking
 
-    from vfm_adapters.seg.training import ConfigError, make_accelerator
+    from vfm_adapters.seg.config import ConfigError
+    from vfm_adapters.seg.training import make_accelerator
 
     monkeypatch.setattr(accelerate.tracking, "is_tensorboard_available", lambda: False)
     monkeypatch.setattr("accelerate.accelerator.filter_trackers",
@@ -165,7 +166,7 @@ def test_a_tracker_that_cannot_start_is_a_config_error(tmp_path: Path, monkeypat
 def test_a_full_disk_or_a_diverged_run_is_a_one_line_error(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
     from vfm_adapters._io import DiskWriteError
     from vfm_adapters.commands import configs
-    from vfm_adapters.seg.training import TrainingDivergedError
+    from vfm_adapters.seg.loop import TrainingDivergedError
 
     for error in (DiskWriteError(28, "No space left on device writing run/checkpoint.pt; the previous checkpoint is intact",
                                  "run/checkpoint.pt"),

@@ -124,7 +124,7 @@ def test_train_command_refuses_a_bad_config_before_writing_anything(tmp_path, ca
 
 
 def test_train_command_applies_overrides_and_flags(tmp_path, capsys):
-    from vfm_adapters.seg.training import load_segmentor
+    from vfm_adapters.seg.checkpoints import load_segmentor
 
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(_run_config(tmp_path / "unused")))

@@ -11,7 +11,7 @@ import torch
 from vfm_adapters.cli import main
 from vfm_adapters.methods.base import available_methods
 from vfm_adapters.seg.synthetic import DOMAINS, SYNTHETIC_CLASSES, SyntheticScenes, apply_domain, render_scene
-from vfm_adapters.seg.training import load_segmentor
+from vfm_adapters.seg.checkpoints import load_segmentor
 
 
 def test_scenes_are_deterministic_and_domains_share_layouts():

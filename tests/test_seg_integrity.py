@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 import vfm_adapters as va
 from vfm_adapters.seg.heads import Segmentor
 from vfm_adapters.seg.inference import evaluate, slide_inference, whole_inference, window_starts
-from vfm_adapters.seg.training import ConfigError, load_config
+from vfm_adapters.seg.config import ConfigError, load_config
 
 
 @pytest.fixture
@@ -194,7 +194,7 @@ def test_a_run_with_missing_or_foreign_files_is_refused_naming_the_file(tmp_path
     import shutil
 
     from vfm_adapters.seg.manifest import RunManifestError
-    from vfm_adapters.seg.training import load_segmentor
+    from vfm_adapters.seg.checkpoints import load_segmentor
 
     _quick_run(tmp_path / "a")
     _quick_run(tmp_path / "b", method_options={"rein": {"token_length": 4, "rank": 2}}, dropout=0.2)
@@ -219,7 +219,8 @@ def test_backbone_checkpoint_is_found_from_any_directory_and_its_hash_checked(tm
     from safetensors.torch import save_file
 
     from vfm_adapters.seg.manifest import RunManifestError
-    from vfm_adapters.seg.training import build_backbone, load_segmentor
+    from vfm_adapters.seg.build import build_backbone
+    from vfm_adapters.seg.checkpoints import load_segmentor
 
     from test_seg_training import _config
 
@@ -519,7 +520,7 @@ def test_a_truncated_image_error_names_its_path(tmp_path):
 def test_config_differences_name_changed_keys_and_skip_safe_or_new_default_ones():
     import copy
 
-    from vfm_adapters.seg.training import config_differences
+    from vfm_adapters.seg.checkpoints import config_differences
 
     stored = load_config({})
     current = copy.deepcopy(stored)

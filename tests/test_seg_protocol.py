@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from vfm_adapters.seg.features import InterpolationNeck, MultiLevelNeck, MultiScaleNeck, build_neck
-from vfm_adapters.seg.training import DEFAULTS, build_segmentor
+from vfm_adapters.seg.build import build_segmentor
+from vfm_adapters.seg.config import DEFAULTS
 
 
 TINY_M2F = dict(num_decoder_layers=1, num_heads=2, ffn_dim=32, hidden_dim=32, pixel_decoder_layers=1,
@@ -74,7 +75,7 @@ def test_segmentors_take_the_neck_from_the_config():
 def test_decay_groups_follow_the_authors_names():
     import vfm_adapters as va
     from vfm_adapters.optim import authors_name
-    from vfm_adapters.seg.training import parameter_groups
+    from vfm_adapters.seg.optim import parameter_groups
 
     model = build_segmentor(tiny_model_config(neck="learnable", head="mask2former", head_options=dict(TINY_M2F),
                                               method_options={"rein": {"token_length": 4, "query_dim": 32,
@@ -194,7 +195,7 @@ PAPER_CONFIGS = sorted(p for p in PAPER.glob("*.yaml") if p.name != "expected_mi
 
 
 def test_every_paper_config_states_the_authors_protocol():
-    from vfm_adapters.seg.training import load_config
+    from vfm_adapters.seg.config import load_config
 
     assert len(PAPER_CONFIGS) >= 12
     for path in PAPER_CONFIGS:
@@ -287,7 +288,8 @@ def test_build_backbone_uses_the_configured_patch_conversion(tmp_path):
     from safetensors.torch import save_file
 
     from vfm_adapters.seg.patch_resample import bicubic_patch_embed, bicubic_pos_embed
-    from vfm_adapters.seg.training import ConfigError, build_backbone
+    from vfm_adapters.seg.build import build_backbone
+    from vfm_adapters.seg.config import ConfigError
 
     arch = {"depth": 1, "embed_dim": 16, "num_heads": 2}
     torch.manual_seed(0)
@@ -315,7 +317,7 @@ def test_build_backbone_uses_the_configured_patch_conversion(tmp_path):
 
 # ----------------------------------------------------------------------------- 5. ACDC schedule and batch
 def test_acdc_warmup_then_poly_restart_learning_rate():
-    from vfm_adapters.seg.training import load_config
+    from vfm_adapters.seg.config import load_config
 
     config = load_config(PAPER / "citys_acdc_dinov2_l_rein_1024.yaml")
     oc = config["optim"]
@@ -345,7 +347,8 @@ def test_acdc_warmup_then_poly_restart_learning_rate():
 
 def test_effective_batch_by_accumulation_is_printed(tmp_path):
     from vfm_adapters.optim import resolve_grad_accum
-    from vfm_adapters.seg.training import ConfigError, train
+    from vfm_adapters.seg.config import ConfigError
+    from vfm_adapters.seg.training import train
 
     assert resolve_grad_accum(2, 1, 8, 1) == 4 and resolve_grad_accum(2, 1, 8, 4) == 1
     config = {

@@ -14,16 +14,10 @@ from model_zoo import FAMILY_IDS, make_model
 from vfm_adapters.cli import main
 from vfm_adapters.seg.features import BackboneFeatures, MultiScaleNeck, default_layers
 from vfm_adapters.seg.heads import FPNHead, LinearHead, Segmentor, segmentation_loss
-from vfm_adapters.seg.training import (
-    ConfigError,
-    load_config,
-    load_segmentor,
-    no_weight_decay,
-    parameter_groups,
-    poly_factor,
-    train,
-    trained_state,
-)
+from vfm_adapters.seg.checkpoints import load_segmentor, trained_state
+from vfm_adapters.seg.config import ConfigError, load_config
+from vfm_adapters.seg.optim import no_weight_decay, parameter_groups, poly_factor
+from vfm_adapters.seg.training import train
 
 
 @pytest.fixture

@@ -198,3 +198,14 @@ def test_a_saved_segmentor_comes_back_with_its_normalisation(tmp_path):
     images = torch.randn(2, 3, 32, 32)
     assert loaded.mean == MEAN and loaded.std == STD
     torch.testing.assert_close(loaded(images), segmentor(images))
+
+
+def test_names_that_moved_out_of_training_stay_importable_from_it():
+    import importlib
+
+    from vfm_adapters.seg import training
+
+    for name, module in training._MOVED.items():
+        assert getattr(training, name) is getattr(importlib.import_module(f"vfm_adapters.seg.{module}"), name), name
+    with pytest.raises(AttributeError, match="no attribute 'nonexistent'"):
+        training.nonexistent  # noqa: B018

@@ -302,7 +302,7 @@ def test_stage_features_for_the_segmentation_stack(family: str) -> None:
 
 def test_training_keeps_a_frozen_hosts_batch_norm_statistics() -> None:
     from vfm_adapters.seg.heads import Segmentor
-    from vfm_adapters.seg.training import train_mode
+    from vfm_adapters.seg.model import train_mode
 
     model, size = make_model("timm_resnet")
     va.inject_rein(model, token_length=4, rank=2)

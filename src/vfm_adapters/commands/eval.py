@@ -109,7 +109,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     from vfm_adapters.seg.datasets import build_dataset
     from vfm_adapters.seg.inference import evaluate
     from vfm_adapters.seg.metrics import results_table
-    from vfm_adapters.seg.training import load_segmentor
+    from vfm_adapters.seg.checkpoints import load_segmentor
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     config_path = Path(args.run_dir) / "config.json"

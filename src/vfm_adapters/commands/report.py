@@ -26,7 +26,8 @@ def _report_config(path: str, as_json: bool) -> int:
     import torch
 
     from vfm_adapters.report import format_count, segmentor_parameter_counts
-    from vfm_adapters.seg.training import build_segmentor, load_config
+    from vfm_adapters.seg.build import build_segmentor
+    from vfm_adapters.seg.config import load_config
 
     config = load_config(path)
     model_config = dict(config["model"], pretrained=False, backbone_checkpoint=None)  # meta: no weights read

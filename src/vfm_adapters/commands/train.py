@@ -35,7 +35,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from vfm_adapters.configs import resolve_config
-    from vfm_adapters.seg.training import load_config, train
+    from vfm_adapters.seg.config import load_config
+    from vfm_adapters.seg.training import train
 
     refuse_plain_torchrun()
     flags = {"train.output_dir": args.output_dir, "train.iterations": args.iterations,
