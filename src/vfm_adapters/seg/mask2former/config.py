@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from transformers import Mask2FormerConfig
 
-from ..datasets import IGNORE_INDEX
+from ..label_maps import IGNORE_INDEX
 
 __all__ = ["Mask2FormerHeadConfig", "Mask2FormerOutput", "semantic_inference", "semantic_targets"]
 
