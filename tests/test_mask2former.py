@@ -344,3 +344,26 @@ def test_the_trainer_runs_and_reloads_a_mask2former_config(tmp_path):
             torch.testing.assert_close(loaded(images), model.eval()(images))
     finally:
         torch.set_num_threads(previous)
+
+
+def test_every_name_keeps_its_import_path():
+    """The package split by job still answers every name at ``vfm_adapters.seg.mask2former``."""
+    import importlib
+
+    from vfm_adapters.seg import mask2former
+    from vfm_adapters.seg.build import segmentor_class
+
+    homes = {
+        "config": ["Mask2FormerHeadConfig", "Mask2FormerOutput", "semantic_inference", "semantic_targets"],
+        "head": ["Mask2FormerHead"],
+        "segmentor": ["MASK2FORMER_METHOD_DEFAULTS", "Mask2FormerSegmentor", "build_mask2former_segmentor"],
+        "official": ["OFFICIAL_HEAD_PREFIX", "export_official_head", "load_official_head", "official_head_mapping"],
+    }
+    for module_name, names in homes.items():
+        module = importlib.import_module(f"vfm_adapters.seg.mask2former.{module_name}")
+        for name in names:
+            assert getattr(mask2former, name) is getattr(module, name), name
+    assert set(mask2former.__all__) <= {name for names in homes.values() for name in names}
+    assert segmentor_class("mask2former") is mask2former.Mask2FormerSegmentor
+    assert mask2former.MASK2FORMER_METHOD_DEFAULTS == {"rein": {"link_queries": True}}
+    assert mask2former.OFFICIAL_HEAD_PREFIX == "decode_head."

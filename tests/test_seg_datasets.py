@@ -228,3 +228,15 @@ def test_mix_real_and_synthetic_50_50():
     sources = [data[key]["source"] for key in sampler]
     assert sources.count(0) == 6 and sources.count(1) == 6
     assert isinstance(data, AugmentedStream)
+
+
+def test_tables_and_file_readers_keep_their_datasets_import_path():
+    """The label tables (seg.label_maps) and file readers (seg.image_files) moved; seg.datasets still has them."""
+    from vfm_adapters.seg import image_files, label_maps
+
+    for name in label_maps.__all__:
+        assert getattr(D, name) is getattr(label_maps, name), name
+    for name in image_files.__all__:
+        assert getattr(D, name) is getattr(image_files, name), name
+    assert D.make_lut(D.SYNTHIA_ID_TO_TRAINID)[[3, 1, 0]].tolist() == [0, 10, D.IGNORE_INDEX]
+    assert len(D.CITYSCAPES_CLASSES) == 19 and D.IGNORE_INDEX == 255

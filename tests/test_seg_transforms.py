@@ -138,3 +138,13 @@ def test_normalize():
 def test_resize_requires_one_target():
     with pytest.raises(ValueError):
         Resize()
+
+
+def test_photometric_distortion_keeps_its_transforms_import_path():
+    """PhotoMetricDistortion and the HSV conversions live in seg.photometric; seg.transforms still has them."""
+    from vfm_adapters.seg import photometric, transforms
+
+    for name in photometric.__all__:
+        assert getattr(transforms, name) is getattr(photometric, name), name
+    pipeline = transforms.train_transform(crop_size=(8, 8), scale=None)
+    assert any(isinstance(step, photometric.PhotoMetricDistortion) for step in pipeline.transforms)

@@ -21,99 +21,23 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import Dataset
 
-from ._png import naming_errors, read_png, read_rgb, require_regular_file
-
-IGNORE_INDEX = 255
-
-CITYSCAPES_CLASSES: tuple[str, ...] = (
-    "road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign",
-    "vegetation", "terrain", "sky", "person", "rider", "car", "truck", "bus", "train",
-    "motorcycle", "bicycle",
+from .image_files import image_size, read_image, read_label  # re-exported: defined here first
+from .label_maps import (  # re-exported: the tables were defined here first
+    CITYSCAPES_CLASSES,
+    CITYSCAPES_ID_TO_TRAINID,
+    IGNORE_INDEX,
+    MAPILLARY_ID_TO_TRAINID,
+    SYNTHIA_ID_TO_TRAINID,
+    make_lut,
 )
-
-#: Cityscapes label ids (also used by GTA5) -> train ids.
-CITYSCAPES_ID_TO_TRAINID: dict[int, int] = {
-    7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10, 24: 11, 25: 12,
-    26: 13, 27: 14, 28: 15, 31: 16, 32: 17, 33: 18,
-}
-
-#: SYNTHIA-RAND-CITYSCAPES class ids -> train ids (16 classes; terrain, truck, train absent).
-SYNTHIA_ID_TO_TRAINID: dict[int, int] = {
-    3: 0, 4: 1, 2: 2, 21: 3, 5: 4, 7: 5, 15: 6, 9: 7, 6: 8, 1: 10, 10: 11, 17: 12, 8: 13,
-    19: 15, 12: 17, 11: 18,
-}
-
-#: Mapillary Vistas v1.2 (66 classes) ids -> train ids: the Rein authors' mapping (their
-#: name rules in ``tools/convert_datasets/mapillary2cityscape.py``): road includes bike
-#: lane, plain crosswalk, parking, service lane and lane markings; sidewalk curb, curb
-#: cut and pedestrian area; pole street light and utility pole; sign the sign frame and
-#: both sign faces; 41 (manhole) and every other id are ignored (255).
-MAPILLARY_ID_TO_TRAINID: dict[int, int] = {
-    7: 0, 8: 0, 10: 0, 13: 0, 14: 0, 23: 0, 24: 0,  # road
-    2: 1, 9: 1, 11: 1, 15: 1,  # sidewalk
-    17: 2, 6: 3, 3: 4,  # building, wall, fence
-    44: 5, 45: 5, 47: 5,  # pole
-    48: 6,  # traffic light
-    46: 7, 49: 7, 50: 7,  # traffic sign
-    30: 8, 29: 9, 27: 10, 19: 11,  # vegetation, terrain, sky, person
-    20: 12, 21: 12, 22: 12,  # rider (bicyclist, motorcyclist, other rider)
-    55: 13, 61: 14, 54: 15, 58: 16, 57: 17, 52: 18,  # car, truck, bus, train (on rails), motorcycle, bicycle
-}
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
 
 class DatasetLayoutError(FileNotFoundError):
     """A dataset root that does not hold the layout its reader expects."""
-
-
-def make_lut(mapping: Mapping[int, int] | None, size: int = 65536, ignore_index: int = IGNORE_INDEX) -> np.ndarray:
-    """A lookup table ``lut[id] = train id`` (``ignore_index`` for unmapped ids).
-
-    A table lookup converts a whole label map in one indexing operation, and covers
-    every possible stored value (16-bit labels included), so unknown ids map to ignore
-    instead of raising.
-
-    Example:
-        >>> lut = make_lut({7: 0, 26: 13})
-        >>> lut[[7, 26, 0]].tolist()
-        [0, 13, 255]
-    """
-    lut = np.full(size, ignore_index, dtype=np.int64)
-    if mapping is None:
-        lut[:] = np.arange(size)
-        lut[256:] = ignore_index
-        return lut
-    for source, target in mapping.items():
-        lut[int(source)] = int(target)
-    return lut
-
-
-def read_image(path: str | os.PathLike) -> torch.Tensor:
-    """Reads an image file as a ``uint8`` ``(3, H, W)`` RGB tensor (16-bit files scaled, see :func:`._png.read_rgb`)."""
-    return torch.from_numpy(read_rgb(path).copy()).permute(2, 0, 1).contiguous()
-
-
-def read_label(path: str | os.PathLike, channel: int | None = None) -> np.ndarray:
-    """Reads a label map as an integer ``(H, W)`` array of stored ids.
-
-    Palette PNGs give their indices (GTA5 and Mapillary store ids that way), 16-bit PNGs
-    keep their full values. ``channel`` picks one channel of a multi-channel label.
-    """
-    if str(path).lower().endswith(".png"):
-        array = read_png(path)
-    else:
-        require_regular_file(path)
-        with naming_errors(path), Image.open(path) as image:
-            array = np.asarray(image)
-    if array.ndim == 3:
-        if channel is None:
-            raise ValueError(f"{path} is a {array.shape[2]}-channel label map; colour-coded labels are not supported")
-        array = array[..., channel]
-    return array.astype(np.int64)
 
 
 def resize_label_nearest(label: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -126,14 +50,6 @@ def resize_label_nearest(label: np.ndarray, height: int, width: int) -> np.ndarr
     rows = np.minimum((np.arange(height) + 0.5) * label.shape[0] / height, label.shape[0] - 1).astype(np.int64)
     cols = np.minimum((np.arange(width) + 0.5) * label.shape[1] / width, label.shape[1] - 1).astype(np.int64)
     return label[rows][:, cols]
-
-
-def image_size(path: str | os.PathLike) -> tuple[int, int]:
-    """(height, width) of an image file, reading only its header."""
-    require_regular_file(path)
-    with naming_errors(path), Image.open(path) as image:
-        width, height = image.size
-    return height, width
 
 
 class SegmentationDataset(Dataset):
