@@ -88,7 +88,7 @@ def test_injecting_rein_twice_is_an_error_and_changes_nothing(tiny_vit):
 
 
 def test_a_failing_attach_is_rolled_back(tiny_vit, monkeypatch):
-    from vfm_adapters.methods import rein as rein_module
+    from vfm_adapters.methods import rein_method as rein_module
 
     before = snapshot(tiny_vit)
     calls = {"n": 0}

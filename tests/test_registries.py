@@ -7,7 +7,7 @@ import pytest
 from vfm_adapters._registry import DuplicateNameError
 from vfm_adapters.hosts import HostFamily, describe_host, register_host, supported_families, unregister_host
 from vfm_adapters.methods import get_method, register_method
-from vfm_adapters.methods.rein import ReinMethod
+from vfm_adapters.methods.rein_method import ReinMethod
 from vfm_adapters.seg.heads import HEADS, FPNHead, LinearHead
 
 

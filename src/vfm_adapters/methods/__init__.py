@@ -14,6 +14,7 @@ from .base import (
     remove_adapters,
 )
 from .rein import Rein, ReinConfig, rein_blocks, rein_queries
+from .rein_method import ReinMethod  # registers "rein"
 from .lora import LoRAConfig, inject_lora, lora_layers, merge_lora, save_lora_for_peft, unmerge_lora
 from .vpt import VisualPrompts, VPTConfig, inject_vpt
 from .adaptformer import AdaptFormer, AdaptFormerConfig, inject_adaptformer
@@ -21,6 +22,7 @@ from .domain_rein import DomainReinConfig, inject_domain_rein
 from .domino import DominoConfig, DominoNorm, inject_domino, set_domain_embedding
 
 __all__ = [
+    "ReinMethod",
     "adapter_parameters",
     "AdapterError",
     "AdapterMethod",

@@ -199,7 +199,7 @@ def register_method(method: AdapterMethod, *, replace: bool = False) -> AdapterM
         DuplicateNameError: ``method.name`` is taken and ``replace`` is False.
 
     Example:
-        >>> from vfm_adapters.methods.rein import ReinMethod
+        >>> from vfm_adapters.methods.rein_method import ReinMethod
         >>> register_method(ReinMethod())
         Traceback (most recent call last):
         ...
