@@ -23,9 +23,12 @@ import argparse
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from ._common import add_threads_argument, torch_threads
+
+if TYPE_CHECKING:  # torch is imported where it is used, so that building the CLI stays light
+    from torch import nn
 
 NAME = "demo"
 HELP = "train adapters on a synthetic source domain on CPU and report mIoU under domain shift (fog, night, noise, colour)"
@@ -244,7 +247,7 @@ def _pretrain_backbone(args: argparse.Namespace, output: Path, progress: bool) -
 
 
 def _train_method(args: argparse.Namespace, index: int, method: str, output: Path, checkpoint: str | None,
-                  progress: bool) -> tuple[Any, str]:
+                  progress: bool) -> tuple[nn.Module, str]:
     """Step ``index``: trains one method on the source domain; returns the model (eval mode) and its note."""
     from vfm_adapters.report import trainable_parameters
     from vfm_adapters.seg.training import train
@@ -263,7 +266,7 @@ def _train_method(args: argparse.Namespace, index: int, method: str, output: Pat
     return model, note
 
 
-def _evaluate_in_every_domain(model: Any, eval_sets: dict) -> dict:
+def _evaluate_in_every_domain(model: nn.Module, eval_sets: dict) -> dict:
     """The model's evaluation (mIoU and per-class IoU) on each domain's scenes."""
     from vfm_adapters.seg.inference import evaluate
     from vfm_adapters.seg.synthetic import SYNTHETIC_CLASSES
