@@ -213,6 +213,55 @@ def _count_saved_values(weights: Path) -> int:
     return total
 
 
+def _card_method_order(config: dict[str, Any]) -> list[str]:
+    """The saved methods, in their injection order (``method_order``), then any it does not list."""
+    methods = config["methods"]
+    return [n for n in config.get("method_order", []) if n in methods] + [
+        n for n in methods if n not in config.get("method_order", [])
+    ]
+
+
+def _card_host_line(host: dict[str, Any]) -> str:
+    """The card's sentence about the host the adapters were saved from."""
+    if host:
+        return (
+            f"Host: `{host.get('family')}`, width {host.get('embed_dim')}, {host.get('depth')} blocks, "
+            f"patch size {host.get('patch_size')}, {host.get('num_prefix_tokens')} prefix token(s)."
+        )
+    return "Host: none recorded (these methods attach to any module, e.g. a decode head)."
+
+
+def _card_method_rows(methods: dict[str, dict[str, Any]], order: list[str]) -> str:
+    """The rows of the card's table: each method with its options, sorted by name."""
+    return "\n".join(
+        f"| `{name}` | " + ", ".join(f"`{key}={value!r}`" for key, value in sorted(methods[name].items())) + " |"
+        for name in order
+    )
+
+
+def _card_loading_code(host: dict[str, Any], base_model: str | None) -> tuple[str, str]:
+    """The loading snippet's import lines and the expression that builds the host."""
+    family = host.get("family")
+    host_code = base_model and f'from_pretrained("{base_model}")'
+    example = _family_example(family)
+    imports = ""
+    if family and family.startswith("transformers."):
+        imports = f"from transformers import {family.split('.', 1)[1]}\n"
+    elif family and family.startswith("timm."):
+        imports = "import timm\n"
+    if base_model and family and family.startswith("transformers."):
+        build = f"{family.split('.', 1)[1]}.{host_code}"
+    elif base_model and family and family.startswith("timm."):
+        build = f'timm.create_model("hf-hub:{base_model}", pretrained=True)'
+    elif host:
+        build = f"...  # your {family} host: width {host.get('embed_dim')}, {host.get('depth')} blocks"
+        if example:
+            build += f" (e.g. {example})"
+    else:
+        build = "...  # the model these adapters were trained on"
+    return imports, build
+
+
 def adapter_model_card(directory: str | os.PathLike, repo_id: str, base_model: str | None = None) -> str:
     """The ``README.md`` pushed with the adapters: host, methods and options, size, how to load.
 
@@ -237,42 +286,13 @@ def adapter_model_card(directory: str | os.PathLike, repo_id: str, base_model: s
     config = read_adapter_config(directory)
     host = config.get("host") or {}
     methods: dict[str, dict[str, Any]] = config["methods"]
-    order = [n for n in config.get("method_order", []) if n in methods] + [
-        n for n in methods if n not in config.get("method_order", [])
-    ]
+    order = _card_method_order(config)
     count = _count_saved_values(directory / WEIGHTS_NAME)
     tags = ["vfm-adapters", "parameter-efficient-fine-tuning", *order]
     metadata = ModelCardData(library_name=LIBRARY_NAME, tags=tags, base_model=base_model).to_yaml()
-
-    family = host.get("family")
-    if host:
-        host_line = (
-            f"Host: `{family}`, width {host.get('embed_dim')}, {host.get('depth')} blocks, "
-            f"patch size {host.get('patch_size')}, {host.get('num_prefix_tokens')} prefix token(s)."
-        )
-    else:
-        host_line = "Host: none recorded (these methods attach to any module, e.g. a decode head)."
-    rows = "\n".join(
-        f"| `{name}` | " + ", ".join(f"`{key}={value!r}`" for key, value in sorted(methods[name].items())) + " |"
-        for name in order
-    )
-    host_code = base_model and f'from_pretrained("{base_model}")'
-    example = _family_example(family)
-    imports = ""
-    if family and family.startswith("transformers."):
-        imports = f"from transformers import {family.split('.', 1)[1]}\n"
-    elif family and family.startswith("timm."):
-        imports = "import timm\n"
-    if base_model and family and family.startswith("transformers."):
-        build = f"{family.split('.', 1)[1]}.{host_code}"
-    elif base_model and family and family.startswith("timm."):
-        build = f'timm.create_model("hf-hub:{base_model}", pretrained=True)'
-    elif host:
-        build = f"...  # your {family} host: width {host.get('embed_dim')}, {host.get('depth')} blocks"
-        if example:
-            build += f" (e.g. {example})"
-    else:
-        build = "...  # the model these adapters were trained on"
+    host_line = _card_host_line(host)
+    rows = _card_method_rows(methods, order)
+    imports, build = _card_loading_code(host, base_model)
     return f"""---
 {metadata}
 ---

@@ -518,13 +518,40 @@ def convert_official_rein(checkpoint: str | os.PathLike, output_dir: str | os.Pa
     """
     import json
 
-    from safetensors.torch import save_file
-
     from ._io import write_atomically
-    from .seg.training import ConfigError, build_segmentor, load_config, save_segmentor
+    from .seg.mask2former import load_official_head
+    from .seg.training import load_config, save_segmentor
 
     config = load_config(config)
     model_config = config["model"]
+    output_dir = _convert_target(model_config, output_dir, overwrite)
+    state = read_official_checkpoint(checkpoint)
+    has_rein = any(k.startswith(OFFICIAL_REIN_PREFIX) for k in state)
+    _check_methods_fit_checkpoint(model_config, has_rein)
+    backbone_source = _official_backbone_source(state, model_config, backbone)
+    segmentor = _build_segmentor_for_official(config, backbone_source)
+    host = segmentor.backbone
+    if has_rein:
+        import_official_rein(host, state)
+    load_official_head(segmentor, state)
+    saved_model_config = dict(model_config)
+    extra = _conversion_record(checkpoint, config, state, log)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    if backbone_source is not None:
+        _write_official_backbone(host, backbone_source, output_dir)
+        # load_segmentor reads backbone.safetensors when host_trained is set; nothing is downloaded.
+        saved_model_config.update(pretrained=False, backbone_checkpoint=None)
+        extra["host_trained"] = True
+    saved_config = dict(config, model=saved_model_config)
+    write_atomically(output_dir / "config.json", lambda p: Path(p).write_text(json.dumps(saved_config, indent=2) + "\n"))
+    save_segmentor(segmentor, output_dir, saved_model_config, extra)
+    return output_dir
+
+
+def _convert_target(model_config: Mapping[str, Any], output_dir: str | os.PathLike, overwrite: bool) -> Path:
+    """``output_dir`` as a path; refuses a config without the authors' head, and a directory holding a run."""
+    from .seg.training import ConfigError
+
     if model_config.get("head") != "mask2former":
         raise ConfigError(f"the authors' checkpoints hold a Mask2Former head: set model.head: mask2former "
                           f"(the config says {model_config.get('head')!r})")
@@ -533,8 +560,13 @@ def convert_official_rein(checkpoint: str | os.PathLike, output_dir: str | os.Pa
     if existing and not overwrite:
         raise ConfigError(f"{output_dir} already holds a run ({', '.join(existing)}); pass overwrite=True (--overwrite) "
                           "to replace it or choose another directory")
-    state = read_official_checkpoint(checkpoint)
-    has_rein = any(k.startswith(OFFICIAL_REIN_PREFIX) for k in state)
+    return output_dir
+
+
+def _check_methods_fit_checkpoint(model_config: Mapping[str, Any], has_rein: bool) -> None:
+    """The config injects exactly Rein when the checkpoint holds Rein, and nothing when it does not."""
+    from .seg.training import ConfigError
+
     methods = [m for m in (model_config.get("methods") or []) if m not in ("freeze", "none")]
     if has_rein and methods != ["rein"]:
         raise ConfigError(f"the checkpoint holds Rein: the config must inject exactly Rein (model.methods: [rein]), "
@@ -542,12 +574,29 @@ def convert_official_rein(checkpoint: str | os.PathLike, output_dir: str | os.Pa
     if not has_rein and methods:
         raise ConfigError(f"the checkpoint holds no Rein (a frozen-backbone model): set model.methods: [freeze], "
                           f"the config has {model_config.get('methods')}")
+
+
+def _official_backbone_source(state: Mapping[str, Any], model_config: Mapping[str, Any],
+                              backbone: str | os.PathLike | None) -> str | os.PathLike | Mapping[str, Any] | None:
+    """Where the host's weights come from; refuses a conversion with no host weights at all.
+
+    The given file, else the checkpoint's own ``backbone.*`` host keys, else None (the config loads the host).
+    """
+    from .seg.training import ConfigError
+
     host_in_checkpoint = any(k.startswith("backbone.") and not k.startswith(OFFICIAL_REIN_PREFIX) for k in state)
     backbone_source = backbone if backbone is not None else (state if host_in_checkpoint else None)
     if backbone_source is None and not (model_config.get("pretrained") or model_config.get("backbone_checkpoint")):
         raise ConfigError("no backbone weights: pass the authors' converted DINOv2 (--backbone dinov2_converted.pth), "
                           "or a config whose model loads the host (pretrained / backbone_checkpoint)")
+    return backbone_source
 
+
+def _build_segmentor_for_official(config: Mapping[str, Any], backbone_source: Any) -> nn.Module:
+    """The config's segmentor (seeded), refused if its neck has parameters the authors' checkpoint lacks."""
+    from .seg.training import ConfigError, build_segmentor
+
+    model_config = config["model"]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(config["train"]["seed"]))
         # With the authors' backbone file the host's own source (e.g. timm weights) is not needed.
@@ -560,13 +609,12 @@ def convert_official_rein(checkpoint: str | os.PathLike, output_dir: str | os.Pa
             "neck only resizes the block outputs (bilinear x4, x2, x1, x0.5). Use the parameter-free neck "
             "(model.neck: interpolate)"
         )
-    host = segmentor.backbone
-    if has_rein:
-        import_official_rein(host, state)
-    from .seg.mask2former import load_official_head
+    return segmentor
 
-    load_official_head(segmentor, state)
-    saved_model_config = dict(model_config)
+
+def _conversion_record(checkpoint: str | os.PathLike, config: Mapping[str, Any], state: Mapping[str, Any],
+                       log: Callable[[str], None] | None) -> dict[str, Any]:
+    """What ``segmentor.json`` records about the conversion: seed, source and the keys left unused (logged)."""
     extra: dict[str, Any] = {"seed": int(config["train"]["seed"]), "converted_from": str(checkpoint)}
     ignored = sorted(k for k in state if not k.startswith(("backbone.", "decode_head.")))
     if ignored:
@@ -574,16 +622,16 @@ def convert_official_rein(checkpoint: str | os.PathLike, output_dir: str | os.Pa
         if log is not None:
             log(f"not used ({len(ignored)} keys outside backbone. and decode_head.): {ignored[:5]}"
                 f"{'...' if len(ignored) > 5 else ''}")
-    output_dir.mkdir(parents=True, exist_ok=True)
-    if backbone_source is not None:
-        load_official_dinov2(host, backbone_source)
-        host_state = {k: v.detach().cpu().contiguous() for k, v in host.state_dict().items()
-                      if not k.startswith("vfm_adapters.")}
-        write_atomically(output_dir / "backbone.safetensors", lambda p: save_file(host_state, p))
-        # load_segmentor reads backbone.safetensors when host_trained is set; nothing is downloaded.
-        saved_model_config.update(pretrained=False, backbone_checkpoint=None)
-        extra["host_trained"] = True
-    saved_config = dict(config, model=saved_model_config)
-    write_atomically(output_dir / "config.json", lambda p: Path(p).write_text(json.dumps(saved_config, indent=2) + "\n"))
-    save_segmentor(segmentor, output_dir, saved_model_config, extra)
-    return output_dir
+    return extra
+
+
+def _write_official_backbone(host: nn.Module, backbone_source: Any, output_dir: Path) -> None:
+    """Loads the authors' converted DINOv2 into ``host`` and writes the host's weights to ``backbone.safetensors``."""
+    from safetensors.torch import save_file
+
+    from ._io import write_atomically
+
+    load_official_dinov2(host, backbone_source)
+    host_state = {k: v.detach().cpu().contiguous() for k, v in host.state_dict().items()
+                  if not k.startswith("vfm_adapters.")}
+    write_atomically(output_dir / "backbone.safetensors", lambda p: save_file(host_state, p))

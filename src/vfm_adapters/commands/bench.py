@@ -90,97 +90,125 @@ def _build(method: str, host, head_width: int, device):
     return model.to(device), head, torch.optim.AdamW(params, lr=1e-4), trainable
 
 
-def measure(args: argparse.Namespace) -> list[dict]:
-    """Runs the interleaved rounds; one row per method with medians, spreads and ratios."""
-    import contextlib
-    import statistics
-    import time
+class _Workload:
+    """The methods' models on one host and one fixed batch; runs, times and profiles their steps."""
 
-    import timm
-    import torch
-    import torch.nn.functional as F
+    def __init__(self, args: argparse.Namespace) -> None:
+        import contextlib
 
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("bench: --device cuda but no CUDA GPU is visible")
-    name, kwargs = MODELS[args.model]
-    torch.manual_seed(0)
-    host = timm.create_model(name, pretrained=False, img_size=args.image_size, num_classes=0, **kwargs).eval()
-    width = host.num_features
-    built = {m: _build(m, host, width, device) for m in args.methods}
-    images = torch.randn(args.batch, 3, args.image_size, args.image_size, device=device)
-    labels = torch.randint(0, 10, (args.batch,), device=device)
-    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if args.dtype == "bfloat16"
-                else contextlib.nullcontext())
+        import timm
+        import torch
 
-    def sync() -> None:
-        if device.type == "cuda":
+        self.device = device = torch.device(args.device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise SystemExit("bench: --device cuda but no CUDA GPU is visible")
+        name, kwargs = MODELS[args.model]
+        torch.manual_seed(0)
+        host = timm.create_model(name, pretrained=False, img_size=args.image_size, num_classes=0, **kwargs).eval()
+        width = host.num_features
+        self.built = {m: _build(m, host, width, device) for m in args.methods}
+        self.images = torch.randn(args.batch, 3, args.image_size, args.image_size, device=device)
+        self.labels = torch.randint(0, 10, (args.batch,), device=device)
+        self.autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if args.dtype == "bfloat16"
+                         else contextlib.nullcontext())
+
+    def sync(self) -> None:
+        import torch
+
+        if self.device.type == "cuda":
             torch.cuda.synchronize()
 
-    def infer(method: str) -> None:
-        model = built[method][0]
-        with torch.no_grad(), autocast:
-            model.forward_features(images)
+    def infer(self, method: str) -> None:
+        import torch
 
-    def train(method: str) -> None:
-        model, head, optimizer, _ = built[method]
+        model = self.built[method][0]
+        with torch.no_grad(), self.autocast:
+            model.forward_features(self.images)
+
+    def train(self, method: str) -> None:
+        import torch.nn.functional as F
+
+        model, head, optimizer, _ = self.built[method]
+        images = self.images
         inputs = images.requires_grad_(method == "frozen")  # the frozen host backpropagates too
-        with autocast:
+        with self.autocast:
             tokens = model.forward_features(inputs)
-            loss = F.cross_entropy(head(tokens[:, getattr(model, "num_prefix_tokens", 0):].float().mean(1)), labels)
+            loss = F.cross_entropy(head(tokens[:, getattr(model, "num_prefix_tokens", 0):].float().mean(1)), self.labels)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         images.requires_grad_(False)
         images.grad = None
 
-    def timed(fn, method: str) -> float:
-        sync()
+    def timed(self, fn, method: str) -> float:
+        import time
+
+        self.sync()
         start = time.perf_counter()
         fn(method)
-        sync()
+        self.sync()
         return time.perf_counter() - start
 
-    def peak(method: str) -> float | None:
-        if device.type == "cuda":
+    def peak(self, method: str) -> float | None:
+        import torch
+
+        if self.device.type == "cuda":
             torch.cuda.synchronize()
             before = torch.cuda.memory_allocated()
             torch.cuda.reset_peak_memory_stats()
-            train(method)
+            self.train(method)
             torch.cuda.synchronize()
             return float(torch.cuda.max_memory_allocated() - before)
-        return _profiled_peak_bytes(lambda: train(method))
+        return _profiled_peak_bytes(lambda: self.train(method))
 
+
+def _sample_rounds(work: _Workload, args: argparse.Namespace) -> dict[str, dict[str, list]]:
+    """Per method, one images/s (inference, training) and one peak memory per round, after a warm-up."""
     for method in args.methods:  # warm-up: first-call costs, AdamW state
-        infer(method)
-        train(method)
+        work.infer(method)
+        work.train(method)
     samples = {m: {"infer": [], "train": [], "peak": []} for m in args.methods}
     order = list(args.methods)
     for round_index in range(args.rounds):
         rotated = order[round_index % len(order):] + order[: round_index % len(order)]
         for method in rotated:
-            samples[method]["infer"].append(args.batch / timed(infer, method))
-            samples[method]["train"].append(args.batch / timed(train, method))
-            samples[method]["peak"].append(peak(method))
+            samples[method]["infer"].append(args.batch / work.timed(work.infer, method))
+            samples[method]["train"].append(args.batch / work.timed(work.train, method))
+            samples[method]["peak"].append(work.peak(method))
+    return samples
 
-    rows = []
-    for method in args.methods:
-        s = samples[method]
-        peaks = [p for p in s["peak"] if p is not None]
-        rows.append({
-            "method": method,
-            "trainable": built[method][3],
-            "infer_images_per_s": statistics.median(s["infer"]),
-            "infer_spread": (max(s["infer"]) - min(s["infer"])) / 2,
-            "train_images_per_s": statistics.median(s["train"]),
-            "train_spread": (max(s["train"]) - min(s["train"])) / 2,
-            "peak_mib": statistics.median(peaks) / 2**20 if peaks else None,
-        })
+
+def _summary_row(method: str, trainable: int, s: dict[str, list]) -> dict:
+    """One method's medians and spreads over the rounds (no ratios yet)."""
+    import statistics
+
+    peaks = [p for p in s["peak"] if p is not None]
+    return {
+        "method": method,
+        "trainable": trainable,
+        "infer_images_per_s": statistics.median(s["infer"]),
+        "infer_spread": (max(s["infer"]) - min(s["infer"])) / 2,
+        "train_images_per_s": statistics.median(s["train"]),
+        "train_spread": (max(s["train"]) - min(s["train"])) / 2,
+        "peak_mib": statistics.median(peaks) / 2**20 if peaks else None,
+    }
+
+
+def _add_ratios_to_frozen(rows: list[dict]) -> None:
+    """Adds ``infer_vs_frozen``, ``train_vs_frozen`` and ``peak_vs_frozen`` (None without a frozen row)."""
     base = next((r for r in rows if r["method"] == "frozen"), None)
     for row in rows:
         for key in ("infer_images_per_s", "train_images_per_s", "peak_mib"):
             ok = base is not None and row[key] is not None and base[key]
             row[key.replace("_images_per_s", "").replace("_mib", "") + "_vs_frozen"] = row[key] / base[key] if ok else None
+
+
+def measure(args: argparse.Namespace) -> list[dict]:
+    """Runs the interleaved rounds; one row per method with medians, spreads and ratios."""
+    work = _Workload(args)
+    samples = _sample_rounds(work, args)
+    rows = [_summary_row(method, work.built[method][3], samples[method]) for method in args.methods]
+    _add_ratios_to_frozen(rows)
     return rows
 
 

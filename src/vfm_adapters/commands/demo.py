@@ -23,8 +23,12 @@ import argparse
 import json
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ._common import add_threads_argument, torch_threads
+
+if TYPE_CHECKING:  # torch is imported where it is used, so that building the CLI stays light
+    from torch import nn
 
 NAME = "demo"
 HELP = "train adapters on a synthetic source domain on CPU and report mIoU under domain shift (fog, night, noise, colour)"
@@ -174,22 +178,11 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace, threads: int) -> int:
-    import torch
-
-    from vfm_adapters.methods.base import available_methods
-    from vfm_adapters.report import trainable_parameters
-    from vfm_adapters.seg.inference import evaluate
-    from vfm_adapters.seg.metrics import results_table
-    from vfm_adapters.seg.synthetic import DOMAINS, SYNTHETIC_CLASSES, SyntheticScenes
-    from vfm_adapters._io import write_atomically
     from vfm_adapters.seg.run_dir import discard_replaced, prepare_run_dir
-    from vfm_adapters.seg.training import train
+    from vfm_adapters.seg.synthetic import DOMAINS, SyntheticScenes
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    known = set(available_methods()) | {"freeze", "full"}
-    unknown = [m for m in methods if m not in known]
-    if unknown:
-        print(f"unknown method(s) {unknown}; available here: {sorted(known)}")
+    if not _methods_are_known(methods):
         return 2
     output = Path(args.output)
     # the same guard as train/adapt: an earlier demo's runs are never silently replaced
@@ -197,42 +190,97 @@ def _run(args: argparse.Namespace, threads: int) -> int:
     started = time.perf_counter()
     progress = not args.no_progress
 
+    _print_setup(args, threads)
+    checkpoint = _pretrain_backbone(args, output, progress)
+    eval_sets = {domain: SyntheticScenes(domain, args.eval_images, args.image_size, seed=args.seed * 1000 + 7)
+                 for domain in DOMAINS}
+    results, models, notes = {}, {}, {}
+    for index, method in enumerate(methods, start=2):
+        models[method], notes[method] = _train_method(args, index, method, output, checkpoint, progress)
+        results[method] = _evaluate_in_every_domain(models[method], eval_sets)
+    _report(args, output, methods, results, models, notes, eval_sets, started)
+    discard_replaced(replaced)
+    return 0
+
+
+def _methods_are_known(methods: list[str]) -> bool:
+    """False (after saying which are available) if any requested method is neither registered nor freeze/full."""
+    from vfm_adapters.methods.base import available_methods
+
+    known = set(available_methods()) | {"freeze", "full"}
+    unknown = [m for m in methods if m not in known]
+    if unknown:
+        print(f"unknown method(s) {unknown}; available here: {sorted(known)}")
+        return False
+    return True
+
+
+def _print_setup(args: argparse.Namespace, threads: int) -> None:
+    """The demo's opening lines: the scenes, the domains and the host."""
+    import torch
+
+    from vfm_adapters.seg.synthetic import DOMAINS, SYNTHETIC_CLASSES
+
     print(f"vfm-adapters demo: synthetic street scenes ({', '.join(SYNTHETIC_CLASSES)}), {args.image_size}x{args.image_size}")
     print(f"  source-domain training set: {args.train_images} scenes; evaluation: {args.eval_images} other scenes "
           f"shown in each domain ({', '.join(DOMAINS)})")
     print(f"  host: timm ViT, {args.depth} blocks, width {args.embed_dim}, patch {args.patch_size}, random init "
           f"(no pretrained weights are downloaded); {threads} CPU thread(s)" + (" + CUDA" if torch.cuda.is_available() else ""))
-    checkpoint = None
-    if args.pretrain_steps > 0:
-        print(f"[1] backbone pre-training stand-in: {args.pretrain_steps} steps of full training on separately generated "
-              "scenes with strong photometric augmentation (a real run would load DINOv2/EVA02 weights instead)")
-        # The demo regenerates everything under its output directory on each run.
-        pre = train(demo_config(args, ["full"], output / "pretrained_backbone", True, None), overwrite=True, progress=progress,
-                    log=lambda line: None, evaluate_at_end=False)
-        checkpoint = str(Path(pre["output_dir"]) / "backbone.safetensors")
-        (Path(pre["output_dir"]) / "checkpoint.pt").unlink(missing_ok=True)
-        print(f"    done in {pre['seconds']:.0f}s (final loss {pre['loss']:.3f}); backbone frozen from here on")
-    else:
-        print("[1] no pre-training (--pretrain-steps 0): every method starts from a frozen *random* backbone")
 
-    eval_sets = {domain: SyntheticScenes(domain, args.eval_images, args.image_size, seed=args.seed * 1000 + 7)
-                 for domain in DOMAINS}
-    results, models, notes = {}, {}, {}
-    for index, method in enumerate(methods, start=2):
-        config = demo_config(args, [method], output / method, False, checkpoint)
-        config["model"]["method_options"] = {method: _method_options_for(method, config["model"]["method_options"])}
-        what = {"freeze": "frozen backbone, train the head only", "full": "train backbone (lr x0.1) and head"}.get(
-            method, f"inject {method}, train {method} + head" + (" + backbone (lr x0.1)" if args.unfreeze_backbone else ""))
-        print(f"[{index}] {method}: {what}; {args.steps} steps, batch {args.batch_size}, AdamW lr {args.lr:g}, poly schedule")
-        outcome = train(config, overwrite=True, progress=progress, log=lambda line: None, evaluate_at_end=False)
-        model = outcome["model"].eval()
-        (output / method / "checkpoint.pt").unlink(missing_ok=True)  # the run finished: keep adapters + head only
-        trainable = trainable_parameters(model)
-        notes[method] = f"{trainable:,} trainable parameters (adapter + head), {outcome['seconds']:.0f}s"
-        print(f"    {notes[method]}; final loss {outcome['loss']:.3f}; saved to {output / method}")
-        results[method] = {domain: evaluate(model, data, len(SYNTHETIC_CLASSES), SYNTHETIC_CLASSES, mode="whole",
-                                            mean=model.mean, std=model.std) for domain, data in eval_sets.items()}
-        models[method] = model
+
+def _pretrain_backbone(args: argparse.Namespace, output: Path, progress: bool) -> str | None:
+    """Step 1, the pre-training stand-in; returns the trained backbone's file (None with ``--pretrain-steps 0``)."""
+    from vfm_adapters.seg.training import train
+
+    if args.pretrain_steps <= 0:
+        print("[1] no pre-training (--pretrain-steps 0): every method starts from a frozen *random* backbone")
+        return None
+    print(f"[1] backbone pre-training stand-in: {args.pretrain_steps} steps of full training on separately generated "
+          "scenes with strong photometric augmentation (a real run would load DINOv2/EVA02 weights instead)")
+    # The demo regenerates everything under its output directory on each run.
+    pre = train(demo_config(args, ["full"], output / "pretrained_backbone", True, None), overwrite=True, progress=progress,
+                log=lambda line: None, evaluate_at_end=False)
+    checkpoint = str(Path(pre["output_dir"]) / "backbone.safetensors")
+    (Path(pre["output_dir"]) / "checkpoint.pt").unlink(missing_ok=True)
+    print(f"    done in {pre['seconds']:.0f}s (final loss {pre['loss']:.3f}); backbone frozen from here on")
+    return checkpoint
+
+
+def _train_method(args: argparse.Namespace, index: int, method: str, output: Path, checkpoint: str | None,
+                  progress: bool) -> tuple[nn.Module, str]:
+    """Step ``index``: trains one method on the source domain; returns the model (eval mode) and its note."""
+    from vfm_adapters.report import trainable_parameters
+    from vfm_adapters.seg.training import train
+
+    config = demo_config(args, [method], output / method, False, checkpoint)
+    config["model"]["method_options"] = {method: _method_options_for(method, config["model"]["method_options"])}
+    what = {"freeze": "frozen backbone, train the head only", "full": "train backbone (lr x0.1) and head"}.get(
+        method, f"inject {method}, train {method} + head" + (" + backbone (lr x0.1)" if args.unfreeze_backbone else ""))
+    print(f"[{index}] {method}: {what}; {args.steps} steps, batch {args.batch_size}, AdamW lr {args.lr:g}, poly schedule")
+    outcome = train(config, overwrite=True, progress=progress, log=lambda line: None, evaluate_at_end=False)
+    model = outcome["model"].eval()
+    (output / method / "checkpoint.pt").unlink(missing_ok=True)  # the run finished: keep adapters + head only
+    trainable = trainable_parameters(model)
+    note = f"{trainable:,} trainable parameters (adapter + head), {outcome['seconds']:.0f}s"
+    print(f"    {note}; final loss {outcome['loss']:.3f}; saved to {output / method}")
+    return model, note
+
+
+def _evaluate_in_every_domain(model: nn.Module, eval_sets: dict) -> dict:
+    """The model's evaluation (mIoU and per-class IoU) on each domain's scenes."""
+    from vfm_adapters.seg.inference import evaluate
+    from vfm_adapters.seg.synthetic import SYNTHETIC_CLASSES
+
+    return {domain: evaluate(model, data, len(SYNTHETIC_CLASSES), SYNTHETIC_CLASSES, mode="whole",
+                             mean=model.mean, std=model.std) for domain, data in eval_sets.items()}
+
+
+def _report(args: argparse.Namespace, output: Path, methods: list[str], results: dict, models: dict, notes: dict,
+            eval_sets: dict, started: float) -> None:
+    """Prints the mIoU table and writes ``predictions.png``, ``results.json`` and ``results.md``."""
+    from vfm_adapters._io import write_atomically
+    from vfm_adapters.seg.metrics import results_table
+    from vfm_adapters.seg.synthetic import DOMAINS, SYNTHETIC_CLASSES
 
     targets = [d for d in DOMAINS if d != "source"]
     table = results_table(results, average=targets).replace("| avg |", "| avg (targets) |")
@@ -249,5 +297,3 @@ def _run(args: argparse.Namespace, threads: int) -> int:
     write_atomically(output / "results.md", lambda p: Path(p).write_text(table + "\n"))
     print(f"\npredictions: {grid}; adapters + heads: {output}/<method>/; table: {output / 'results.md'}")
     print(f"total time {time.perf_counter() - started:.0f}s")
-    discard_replaced(replaced)
-    return 0

@@ -10,6 +10,10 @@ from __future__ import annotations
 
 import argparse
 import json
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # torch is imported where it is used, so that building the CLI stays light
+    from torch import nn
 
 NAME = "params"
 HELP = "print the trainable-parameter table of every method on DINOv2-L, EVA02-L, CLIP-L, SAM-H, ResNet-50/101 and ConvNeXt-L"
@@ -86,6 +90,49 @@ def count_rows(backbones: list[str] | None = None, methods: list[str] | None = N
     import timm
     import torch
 
+    rows = []
+    for backbone in backbones or list(BACKBONES):
+        name = BACKBONES[backbone]
+        with torch.device("meta"):
+            model = timm.create_model(name, pretrained=False, num_classes=0)
+        for method in methods or METHODS:
+            count, note = _count_method(model, name, backbone, method)
+            rows.append(_row(backbone, name, method, count, note))
+    return rows
+
+
+def _count_method(model: nn.Module, name: str, backbone: str, method: str) -> tuple[int | None, str]:
+    """One method's trainable parameters on ``model`` (left as it was found) and the row's note."""
+    import timm
+    import torch
+
+    if method == "Full":
+        return sum(p.numel() for p in model.parameters()), ""
+    if method == "Full@512" and backbone in HIERARCHICAL:
+        return sum(p.numel() for p in model.parameters()), "a CNN's count does not depend on the input size"
+    if method == "Full@512":
+        with torch.device("meta"):
+            at_512 = timm.create_model(name, pretrained=False, num_classes=0, **PAPER_SETTING)
+        return sum(p.numel() for p in at_512.parameters()), "timm model at 512x512, patch 16"
+    if method == "Freeze":
+        return _frozen_count(model), ""
+    return _injected_count(model, backbone, method)
+
+
+def _frozen_count(model: nn.Module) -> int:
+    """The trainable parameters of the frozen backbone; each parameter's ``requires_grad`` is restored."""
+    import vfm_adapters as va
+
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    model.requires_grad_(False)
+    count = va.trainable_parameters(model)
+    for param, flag in flags:
+        param.requires_grad_(flag)
+    return count
+
+
+def _injected_count(model: nn.Module, backbone: str, method: str) -> tuple[int | None, str]:
+    """An adapter method's count with its defaults (removed again), or None and why it does not apply."""
     import vfm_adapters as va
     from vfm_adapters.hosts import UnsupportedModelError
 
@@ -95,60 +142,36 @@ def count_rows(backbones: list[str] | None = None, methods: list[str] | None = N
         "VPT": va.inject_vpt,
         "Rein": va.inject_rein,
     }
-    rows = []
-    for backbone in backbones or list(BACKBONES):
-        name = BACKBONES[backbone]
-        with torch.device("meta"):
-            model = timm.create_model(name, pretrained=False, num_classes=0)
-        for method in methods or METHODS:
-            note = ""
-            if method == "Full":
-                count = sum(p.numel() for p in model.parameters())
-            elif method == "Full@512" and backbone in HIERARCHICAL:
-                count = sum(p.numel() for p in model.parameters())
-                note = "a CNN's count does not depend on the input size"
-            elif method == "Full@512":
-                with torch.device("meta"):
-                    at_512 = timm.create_model(name, pretrained=False, num_classes=0, **PAPER_SETTING)
-                count = sum(p.numel() for p in at_512.parameters())
-                note = "timm model at 512x512, patch 16"
-            elif method == "Freeze":
-                flags = [(p, p.requires_grad) for p in model.parameters()]
-                model.requires_grad_(False)
-                count = va.trainable_parameters(model)
-                for param, flag in flags:
-                    param.requires_grad_(flag)
-            else:
-                try:
-                    injectors[method](model)
-                except UnsupportedModelError as error:
-                    count = None
-                    host = va.describe_host(model)
-                    if host.hierarchical:
-                        note = "not applicable: " + HIERARCHICAL_REASONS.get(method, str(error)[:100])
-                    else:
-                        layout = host.layout
-                        note = f"not applicable: {layout} host has no token sequence" if layout != "BNC" else str(error)[:120]
-                else:
-                    count = va.trainable_parameters(model)
-                    va.remove_adapters(model)
-                    if method == "Rein" and backbone in HIERARCHICAL:
-                        note = "one Rein per stage; Table 6 prints no count"
-            paper = PAPER.get((backbone, "Full" if method == "Full@512" else method))
-            formatted = va.format_count(count) if count is not None else "n/a"
-            rows.append(
-                {
-                    "backbone": backbone,
-                    "timm_model": name,
-                    "method": method,
-                    "trainable": count,
-                    "formatted": formatted,
-                    "paper": paper,
-                    "matches_paper": None if paper is None or count is None else formatted == paper,
-                    "note": note,
-                }
-            )
-    return rows
+    try:
+        injectors[method](model)
+    except UnsupportedModelError as error:
+        host = va.describe_host(model)
+        if host.hierarchical:
+            return None, "not applicable: " + HIERARCHICAL_REASONS.get(method, str(error)[:100])
+        layout = host.layout
+        return None, f"not applicable: {layout} host has no token sequence" if layout != "BNC" else str(error)[:120]
+    count = va.trainable_parameters(model)
+    va.remove_adapters(model)
+    note = "one Rein per stage; Table 6 prints no count" if method == "Rein" and backbone in HIERARCHICAL else ""
+    return count, note
+
+
+def _row(backbone: str, name: str, method: str, count: int | None, note: str) -> dict:
+    """One table row: the count, formatted, beside the paper's value (Full@512 is compared with Full)."""
+    import vfm_adapters as va
+
+    paper = PAPER.get((backbone, "Full" if method == "Full@512" else method))
+    formatted = va.format_count(count) if count is not None else "n/a"
+    return {
+        "backbone": backbone,
+        "timm_model": name,
+        "method": method,
+        "trainable": count,
+        "formatted": formatted,
+        "paper": paper,
+        "matches_paper": None if paper is None or count is None else formatted == paper,
+        "note": note,
+    }
 
 
 def format_table(rows: list[dict]) -> str:
