@@ -114,6 +114,17 @@ def test_layers_import_only_downwards(lower, upper):
     assert not upward, f"{lower} must not import {upper}: {upward}"
 
 
+STACK = ("vfm_adapters.seg", "vfm_adapters.adaptation", "vfm_adapters.commands")
+ENTRY_POINTS = ("vfm_adapters", "vfm_adapters.cli", "vfm_adapters.__main__")
+
+
+def test_the_core_never_imports_the_segmentation_stack_or_the_cli():
+    graph = import_graph(deferred=True)
+    upward = sorted(f"{m} -> {t}" for m, targets in graph.items() if not m.startswith(STACK) and m not in ENTRY_POINTS
+                    for t in targets if t.startswith(STACK))
+    assert not upward, upward
+
+
 @pytest.mark.parametrize("module", [m for m in MODULES if m.startswith(("vfm_adapters.seg", "vfm_adapters.adaptation"))])
 def test_segmentation_modules_are_short(module):
     lines = len(MODULES[module].read_text(encoding="utf-8").splitlines())

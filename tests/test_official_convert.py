@@ -18,6 +18,7 @@ from test_official_head import mmdet_shapes
 from test_official_rein import authors_state
 
 import vfm_adapters as va
+from vfm_adapters.seg.official_run import convert_official_rein
 from vfm_adapters.cli import main
 from vfm_adapters.official import OFFICIAL_REIN_PREFIX
 from vfm_adapters.seg.training import ConfigError, load_segmentor
@@ -95,12 +96,12 @@ def test_convert_refuses_a_neck_with_parameters_and_an_existing_run(tmp_path):
     learnable = tmp_path / "learnable.yaml"
     learnable.write_text(yaml.safe_dump(tiny_config(scales=(4, 2, 1, 0.5))))
     with pytest.raises(ConfigError, match="neck has .* parameters"):
-        va.official.convert_official_rein(checkpoint, tmp_path / "a", learnable, backbone=backbone)
+        convert_official_rein(checkpoint, tmp_path / "a", learnable, backbone=backbone)
     assert not (tmp_path / "a" / "segmentor.json").exists()
-    out = va.official.convert_official_rein(checkpoint, tmp_path / "b", config, backbone=backbone)
+    out = convert_official_rein(checkpoint, tmp_path / "b", config, backbone=backbone)
     with pytest.raises(ConfigError, match="already holds a run"):
-        va.official.convert_official_rein(checkpoint, out, config, backbone=backbone)
-    va.official.convert_official_rein(checkpoint, out, config, backbone=backbone, overwrite=True)
+        convert_official_rein(checkpoint, out, config, backbone=backbone)
+    convert_official_rein(checkpoint, out, config, backbone=backbone, overwrite=True)
 
 
 def test_convert_refuses_a_config_of_another_rein(tmp_path):
@@ -108,10 +109,10 @@ def test_convert_refuses_a_config_of_another_rein(tmp_path):
     other = tiny_config()
     other["model"]["method_options"]["rein"]["rank"] = RANK + 1
     with pytest.raises(va.AdapterError, match="rank"):
-        va.official.convert_official_rein(checkpoint, tmp_path / "run", other, backbone=backbone)
+        convert_official_rein(checkpoint, tmp_path / "run", other, backbone=backbone)
     no_backbone = tiny_config()
     with pytest.raises(ConfigError, match="no backbone weights"):
-        va.official.convert_official_rein(checkpoint, tmp_path / "run", no_backbone)
+        convert_official_rein(checkpoint, tmp_path / "run", no_backbone)
     assert OFFICIAL_REIN_PREFIX == "backbone.reins."
 
 
@@ -126,10 +127,10 @@ def test_convert_a_frozen_backbone_release_with_the_plain_head(tmp_path):
     config = tiny_config()
     config["model"].update(methods=["freeze"], method_options={})
     config["model"]["head_options"] = dict(HEAD, num_queries=TOKENS)
-    out = va.official.convert_official_rein(checkpoint, tmp_path / "run", config)
+    out = convert_official_rein(checkpoint, tmp_path / "run", config)
     model, info = load_segmentor(out)
     assert va.injected_methods(model.backbone) == [] and not model.head.link_rein_queries
     assert torch.equal(model.head.transformer.queries_embedder.weight, head["decode_head.query_embed.weight"])
     assert torch.equal(model.backbone.blocks[0].attn.qkv.bias, full["backbone.blocks.0.attn.qkv.bias"])
     with pytest.raises(ConfigError, match="holds no Rein"):
-        va.official.convert_official_rein(checkpoint, tmp_path / "other", tiny_config())
+        convert_official_rein(checkpoint, tmp_path / "other", tiny_config())

@@ -30,7 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from vfm_adapters.official import convert_official_rein
+    from vfm_adapters.seg.official_run import convert_official_rein
 
     output = convert_official_rein(args.checkpoint, args.output_dir, args.config, backbone=args.backbone,
                                    overwrite=args.overwrite, log=print)
