@@ -111,12 +111,20 @@ def test_per_pixel_weights_only_for_per_pixel_objectives(model):
             model.loss(images, labels, weights)
 
 
-def test_dacs_trains_a_mask2former_student_through_its_own_loss_or_refuses():
+def test_dacs_refuses_a_student_without_a_per_pixel_loss():
+    from vfm_adapters.adaptation import dacs_step, make_teacher
+
     torch.manual_seed(0)
-    trainer = DACSTrainer(_build("mask2former"))
-    images, labels = _batch()
+    student = _build("mask2former")
     with pytest.raises(PixelWeightsUnsupported, match="DACS"):
-        trainer.step(images, labels, images.flip(0))
+        DACSTrainer(student)
+    images, labels = _batch()  # the bare step function refuses too, through the model's own loss
+    optimizer = torch.optim.SGD([p for p in student.parameters() if p.requires_grad], lr=0.1)
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    with pytest.raises(PixelWeightsUnsupported, match="DACS"):
+        dacs_step(student, make_teacher(student), optimizer, images, labels, images.flip(0), step=0,
+                  generator=torch.Generator().manual_seed(0))
+    assert all(torch.equal(v, student.state_dict()[k]) for k, v in before.items())  # no step was taken
 
 
 def test_normalisation_is_checked_at_construction():
@@ -209,3 +217,8 @@ def test_names_that_moved_out_of_training_stay_importable_from_it():
         assert getattr(training, name) is getattr(importlib.import_module(f"vfm_adapters.seg.{module}"), name), name
     with pytest.raises(AttributeError, match="no attribute 'nonexistent'"):
         training.nonexistent  # noqa: B018
+
+
+def test_per_pixel_loss_says_whether_pixel_weights_are_taken(model):
+    assert model.per_pixel_loss == (model.kind in PER_PIXEL)
+    assert segmentor_class("daformer").per_pixel_loss and not segmentor_class("mask2former").per_pixel_loss

@@ -46,6 +46,7 @@ import os
 from typing import Any, Iterable, Mapping
 
 from ..seg import config as seg_config
+from ..seg.build import segmentor_class
 from ..seg.config import ConfigError
 from .dacs import DACSConfig
 from .feature_model import CLIP_CONVNEXT_L
@@ -132,13 +133,14 @@ def load_adaptation_config(source: str | os.PathLike | Mapping[str, Any] | None 
             raise ConfigError(f"train.{key} must be a positive integer, got {config['train'][key]!r}")
     seg_config.validate_optim(config["optim"], config["train"])
     seg_config.validate_eval(config["eval"])
-    if config["recipe"] == "dacs" and config["model"]["head"] == "mask2former":
-        # DACS's losses are per-pixel cross-entropies on the mixed image; Mask2Former is
-        # trained by set prediction (matching + mask losses), which DACS does not implement.
+    head = config["model"]["head"]
+    if config["recipe"] == "dacs" and not segmentor_class(head).per_pixel_loss:
+        # DACS weights each pixel of the mixed image's loss by the pseudo label's confidence;
+        # a set-prediction head (Mask2Former: matching + mask losses) has no per-pixel loss.
         raise ConfigError(
-            "model.head: mask2former cannot be trained with recipe: dacs (DACS's losses are per-pixel cross-entropy "
-            "on logits, Mask2Former needs its matching and mask losses); use a per-pixel head (fpn, linear, "
-            "daformer) for DACS, or recipe: self_training / source_only for Mask2Former"
+            f"model.head: {head} cannot be trained with recipe: dacs (DACS weights a per-pixel loss by the pseudo "
+            f"labels' confidence, and {head}'s loss is not per pixel); use a per-pixel head (fpn, linear, "
+            f"daformer) for DACS, or recipe: self_training / source_only for {head}"
         )
     for section, config_class in (("dacs", DACSConfig), ("self_training", SelfTrainingConfig)):
         try:

@@ -46,7 +46,7 @@ import torch
 from torch import Tensor, nn
 
 from ..seg.datasets import IGNORE_INDEX
-from ..seg.model import model_loss, train_mode
+from ..seg.model import PixelWeightsUnsupported, SegmentationModel, model_loss, train_mode
 from ..seg.transforms import IMAGENET_MEAN, IMAGENET_STD
 from .augment import denormalize, normalize
 from .ema import ema_alpha, ema_update, make_teacher
@@ -370,6 +370,10 @@ class DACSTrainer:
         scheduler: Any | None = None,
         teacher: nn.Module | None = None,
     ) -> None:
+        if isinstance(segmentor, SegmentationModel) and not segmentor.per_pixel_loss:
+            raise PixelWeightsUnsupported(
+                f"{type(segmentor).__name__} has no per-pixel loss for DACS to weight by the pseudo labels' "
+                "confidence; use a per-pixel head (fpn, linear, daformer)")
         self.student = segmentor
         self.config = config if isinstance(config, DACSConfig) else DACSConfig.from_dict(config or {})
         self.teacher = teacher if teacher is not None else make_teacher(segmentor)

@@ -153,6 +153,11 @@ class FeatureSegmentor(nn.Module):
         self.mean, self.std = check_normalisation(mean, std)
         self.num_classes = int(decoder.head.num_classes)
 
+    @property
+    def per_pixel_loss(self) -> bool:
+        """Whether the head gives logits (per-pixel cross-entropy) rather than having its own loss."""
+        return not callable(getattr(self.decoder.head, "loss", None))
+
     def encoder_trainable(self) -> bool:
         return any(p.requires_grad for p in self.encoder.parameters())
 

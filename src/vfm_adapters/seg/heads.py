@@ -176,6 +176,9 @@ class Segmentor(nn.Module):
         ``lr * backbone_lr_mult``, no decay on what the Rein authors exempt."""
         return parameter_groups(self, lr, weight_decay, backbone_lr_mult, no_decay)
 
+    #: Light heads are trained by per-pixel cross-entropy (so DACS can weight it).
+    per_pixel_loss = True
+
     #: Method options used with these heads unless a config says otherwise: no query link
     #: (a light head has no object queries; the link would be parameters without gradients).
     method_defaults: Mapping[str, Mapping[str, Any]] = METHOD_DEFAULTS

@@ -10,7 +10,8 @@ in by implementing them:
 - ``loss(images, labels, pixel_weights=None)`` is the model's own training objective:
   per-pixel cross-entropy for the light heads, matching + mask losses for Mask2Former.
   ``pixel_weights`` (DACS' confidence-weighted pseudo labels) is accepted only by models
-  whose objective is per pixel; the others refuse it with :class:`PixelWeightsUnsupported`.
+  whose objective is per pixel (``per_pixel_loss``); the others refuse it with
+  :class:`PixelWeightsUnsupported`, and DACS refuses them when its config loads.
 - ``parameter_groups(lr, weight_decay, backbone_lr_mult)`` gives AdamW groups.
 - ``mean``/``std`` (0-255 RGB) are the normalisation the model was built for, given at
   construction; ``num_classes``; ``decode_modules()`` (what is saved next to the adapters).
@@ -53,6 +54,8 @@ class SegmentationModel(Protocol):
     num_classes: int
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    #: Whether :meth:`loss` is per pixel and so takes ``pixel_weights`` (DACS needs it).
+    per_pixel_loss: bool
 
     def forward(self, images: Tensor, labels: Tensor | None = None) -> Tensor:
         """Scores ``(B, K, H, W)`` at the image size; the training loss when ``labels`` are given."""

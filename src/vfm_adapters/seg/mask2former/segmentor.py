@@ -63,6 +63,9 @@ class Mask2FormerSegmentor(nn.Module):
         (True, torch.Size([1, 3, 56, 56]))
     """
 
+    #: Set prediction (matching + mask losses): no per-pixel loss to weight.
+    per_pixel_loss = False
+
     #: Method options used with this head unless a config says otherwise: Rein links its
     #: tokens to the object queries, as in the paper.
     method_defaults: Mapping[str, Mapping[str, Any]] = {"rein": {"link_queries": True}}
