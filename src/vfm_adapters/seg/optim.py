@@ -4,6 +4,12 @@ The groups split the trainable parameters by decay / no decay and by host / the 
 (adapters, neck, head): the host's own weights train at ``lr * backbone_lr_mult``. The
 schedules are ``torch.optim.lr_scheduler.LambdaLR`` over the factor functions here and
 in :mod:`vfm_adapters.optim` (the authors' warm-up + restarting poly of the ACDC recipe).
+
+Why ``LambdaLR`` and not ``PolynomialLR`` / ``LinearLR`` + ``SequentialLR``: the closed
+form gives the learning rate of step ``t`` exactly (``PolynomialLR.step`` updates the rate
+multiplicatively from the previous one, so its rounding drifts over 40k steps), the
+``poly`` schedule multiplies warm-up and poly factors (``SequentialLR`` chains them
+instead), and a resumed run restores the schedule from the step count alone.
 """
 
 from __future__ import annotations
