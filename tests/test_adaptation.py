@@ -488,3 +488,8 @@ def test_dacs_with_a_mask2former_head_is_refused_when_the_config_loads(tmp_path,
     with pytest.raises(ConfigError, match="mask2former cannot be trained with recipe: dacs"):
         load_adaptation_config(config)
     assert not (tmp_path / "run").exists()
+
+
+def test_a_decoder_checkpoint_for_a_vit_model_is_refused_not_ignored():
+    with pytest.raises(ConfigError, match="decoder_checkpoint is read only with model.kind: features"):
+        load_adaptation_config({"model": {"kind": "vit", "decoder_checkpoint": "stage1/decoder.safetensors"}})

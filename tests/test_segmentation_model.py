@@ -222,3 +222,15 @@ def test_names_that_moved_out_of_training_stay_importable_from_it():
 def test_per_pixel_loss_says_whether_pixel_weights_are_taken(model):
     assert model.per_pixel_loss == (model.kind in PER_PIXEL)
     assert segmentor_class("daformer").per_pixel_loss and not segmentor_class("mask2former").per_pixel_loss
+
+
+def test_adapt_checks_label_ids_before_writing_anything(tmp_path):
+    from test_adaptation_authors import _tiny_features_config
+
+    from vfm_adapters.adaptation import train_adaptation
+    from vfm_adapters.seg.label_checks import LabelRangeError
+
+    config = _tiny_features_config(tmp_path, "self_training", model={"num_classes": 3})  # the scenes hold ids 0-6
+    with pytest.raises(LabelRangeError, match="class id"):
+        train_adaptation(config, log=None, device="cpu", progress=False)
+    assert not (tmp_path / "self_training").exists()

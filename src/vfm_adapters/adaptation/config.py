@@ -128,6 +128,9 @@ def load_adaptation_config(source: str | os.PathLike | Mapping[str, Any] | None 
         raise ConfigError(f"optim.schedule must be 'poly' or 'constant', got {config['optim']['schedule']!r}")
     if config["model"]["kind"] not in ("vit", "features"):
         raise ConfigError(f"model.kind must be 'vit' or 'features', got {config['model']['kind']!r}")
+    if config["model"]["kind"] == "vit" and config["model"]["decoder_checkpoint"]:
+        raise ConfigError("model.decoder_checkpoint is read only with model.kind: features (a features-only encoder's "
+                          "decode head); a kind: vit run starts from backbone_checkpoint and its own adapters")
     for key in ("iterations", "batch_size"):
         if not isinstance(config["train"][key], int) or config["train"][key] < 1:
             raise ConfigError(f"train.{key} must be a positive integer, got {config['train'][key]!r}")

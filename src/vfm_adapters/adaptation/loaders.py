@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader, Sampler
 
 from ..seg.config import ConfigError
 from ..seg.datasets import build_dataset
+from ..seg.label_checks import check_dataset_labels
 from ..seg.sampling import AugmentedStream, StreamSampler
 from ..seg.transforms import (Compose, Normalize, PhotoMetricDistortion, RandomCrop, RandomFlip, RandomRescale,
                               Resize)
@@ -28,7 +29,7 @@ UNLABELLED_DATA = {"dacs": "target", "self_training": "unlabelled"}
 
 
 def _collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
-    out = {"image": torch.stack([s["image"] for s in samples])}
+    out: dict[str, Any] = {"image": torch.stack([s["image"] for s in samples]), "path": [s.get("path") for s in samples]}
     if all("label" in s for s in samples):
         out["label"] = torch.stack([s["label"] for s in samples])
     if all("generated" in s for s in samples):
@@ -67,15 +68,18 @@ def _loader_generator(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(seed))
 
 
-def _build_source(spec: Mapping[str, Any]):
+def _build_source(spec: Mapping[str, Any], num_classes: int):
+    """The dataset of a ``data`` entry; a labelled one gets a sampled label check (wrong ids fail here, naming a file)."""
     if str(spec.get("type", "")).lower() == "unlabelled":
         return UnlabelledFolder(spec["root"], recursive=bool(spec.get("recursive", True)))
-    return build_dataset(spec)
+    dataset = build_dataset(spec)
+    check_dataset_labels(dataset, num_classes, f"data entry {spec.get('name') or spec.get('type')}")
+    return dataset
 
 
-def _loader(specs, transform, batch: int, seed: int, length: int, workers: int, sampler: Sampler | None = None,
-            start: int = 0):
-    sources = [_build_source(spec) for spec in specs]
+def _loader(specs, transform, batch: int, seed: int, length: int, workers: int, num_classes: int,
+            sampler: Sampler | None = None, start: int = 0):
+    sources = [_build_source(spec, num_classes) for spec in specs]
     if sampler is None:
         weights = [float(spec.get("weight", 1.0)) for spec in specs]
         sampler = StreamSampler([len(s) for s in sources], weights, seed=seed, start=start, length=length)
@@ -124,15 +128,16 @@ def _transform(config: Mapping[str, Any], scale, photometric: bool | None = None
 
 def _plain_batches(config: Mapping[str, Any], specs, transform, seed: int, start: int, count: int):
     tc, dc = config["train"], config["data"]
-    return iter(_loader(specs, transform, int(tc["batch_size"]), seed, count, int(dc["num_workers"]), start=start))
+    return iter(_loader(specs, transform, int(tc["batch_size"]), seed, count, int(dc["num_workers"]),
+                        int(config["model"]["num_classes"]), start=start))
 
 
 def _mixed_batches(config: Mapping[str, Any], start: int, count: int):
     """CLOUDS: one stream of source (rescale, crop, ColorAugSSD, flip) and generated (crop, flip) images."""
     dc, mc, tc = config["data"], config["model"], config["train"]
     seed, batch = int(tc["seed"]), int(tc["batch_size"])
-    sources = [_build_source(spec) for spec in dc["source"]]
-    generated = [_build_source(spec) for spec in dc["unlabelled"]]
+    sources = [_build_source(spec, int(mc["num_classes"])) for spec in dc["source"]]
+    generated = [_build_source(spec, int(mc["num_classes"])) for spec in dc["unlabelled"]]
     source_t = _transform(config, dc["scale"], photometric=True)
     generated_t = Compose([RandomCrop(tuple(dc["crop_size"])), RandomFlip(dc["flip"]), Normalize(mc["mean"], mc["std"])])
     factor = float(_self_training(config).generated_repeat_factor)
@@ -150,7 +155,7 @@ def _rare_class_batches(config: Mapping[str, Any], start: int, count: int):
     rcs, seed = dc["rare_class_sampling"], int(tc["seed"])
     if len(dc["source"]) != 1:
         raise ConfigError("rare-class sampling needs exactly one source dataset")
-    source_data = _build_source(dc["source"][0])
+    source_data = _build_source(dc["source"][0], int(mc["num_classes"]))
     counts = class_pixel_counts(source_data, int(mc["num_classes"]), rcs.get("cache"))
     min_pixels = int(rcs.get("min_pixels", 3000))
     sampler = RareClassPositions(RareClassSampler(counts, float(rcs.get("temperature", 0.01)), min_pixels, count, seed),

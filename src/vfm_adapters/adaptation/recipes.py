@@ -23,6 +23,7 @@ from ..seg.build import build_segmentor, segmentor_class
 from ..seg.checkpoints import save_segmentor
 from ..seg.config import DEFAULTS as SEG_DEFAULTS
 from ..seg.config import ConfigError, parse_overrides
+from ..seg.label_checks import check_label_range
 from ..seg.loop import StepSchedule, append_log, elapsed_since, open_run, run_steps, seed_everything
 from ..seg.run_dir import check_run_dir, discard_replaced
 from ..seg.training import build_val_sets, evaluate_sets
@@ -192,11 +193,12 @@ def _schedule(config: Mapping[str, Any], output_dir: Path, stop_after: int | Non
 
 def _step_function(config: Mapping[str, Any], trainer: Any, source, target, device: str) -> Callable[[int], dict]:
     """One trainer step on the next batches; returns its numbers (no tensors: they are kept until the next log)."""
-    mixed, recipe = mixes_batches(config), config["recipe"]
+    mixed, recipe, num_classes = mixes_batches(config), config["recipe"], int(config["model"]["num_classes"])
 
     def step(_: int) -> dict[str, Any]:
         src = next(source)
         images, labels = src["image"].to(device), src["label"].to(device)
+        check_label_range(labels, num_classes, src["path"])
         if mixed:
             out = trainer.step_mixed(images, labels, src["generated"].to(device))
         elif recipe == "source_only":

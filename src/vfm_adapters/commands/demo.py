@@ -166,7 +166,9 @@ def save_prediction_grid(path: Path, models: dict, domains: dict, count: int = 2
               for i, name in enumerate(SYNTHETIC_CLASSES[: len(palette)])]
     figure.tight_layout(rect=(0, 0.4 / figure.get_figheight(), 1, 1))  # 0.4 inch at the bottom for the legend
     figure.legend(handles=legend, loc="lower center", ncol=min(len(legend), 7), fontsize=7, frameon=False)
-    figure.savefig(path, dpi=100)
+    from vfm_adapters._io import write_atomically
+
+    write_atomically(path, lambda temporary: figure.savefig(temporary, format="png", dpi=100))  # never half-written
     plt.close(figure)
 
 
