@@ -25,6 +25,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from ._adapter_files import CONFIG_NAME, WEIGHTS_NAME
 from ._io import write_atomically
 from .hosts import describe_host
 from .methods.base import (
@@ -35,8 +36,6 @@ from .methods.base import (
     remove_adapters,
 )
 
-CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAME = "adapter_model.safetensors"
 FORMAT_NAME = "vfm_adapters"
 FORMAT_VERSION = 1
 #: Key, in the weights file's metadata, of the config text saved with the tensors.
@@ -366,7 +365,7 @@ def load_adapters(
 
     ``directory`` may also be a Hugging Face Hub id (``"org/name"``), fetched through
     ``huggingface_hub`` at ``revision`` with ``token``; a local directory of the same
-    spelling always wins (see :func:`vfm_adapters.hub.resolve_adapter_source`).
+    spelling always wins (see :func:`vfm_adapters.hub_source.resolve_adapter_source`).
 
     Loading is strict and all-or-nothing. Everything is checked before the model is
     touched: the config's fields and types, the host (family, width, depth), every
@@ -392,7 +391,7 @@ def load_adapters(
         >>> va.injected_methods(va.load_adapters(make(), path))
         ['rein']
     """
-    from .hub import resolve_adapter_source
+    from .hub_source import resolve_adapter_source
 
     directory = Path(resolve_adapter_source(directory, revision=revision, token=token))
     with _open_weights(directory) as weights:
