@@ -88,7 +88,12 @@ def _loader(specs, transform, batch: int, seed: int, length: int, workers: int, 
 
 
 def mixes_batches(config: Mapping[str, Any]) -> bool:
-    """Whether the run trains on ONE stream of source and generated images (CLOUDS' ``batch_mode: mixed``)."""
+    """Whether the run trains on ONE stream of source and generated images (CLOUDS' ``batch_mode: mixed``).
+
+    Example:
+        >>> mixes_batches({"recipe": "self_training", "self_training": {}}), mixes_batches({"recipe": "dacs"})
+        (True, False)
+    """
     return config["recipe"] == "self_training" and _self_training(config).batch_mode == "mixed"
 
 
@@ -102,6 +107,18 @@ def training_streams(config: Mapping[str, Any], start: int, end: int
 
     :func:`mixes_batches`: one stream of source and generated images.
     ``data.rare_class_sampling``: DAFormer's rare-class source crops.
+
+    Example:
+        >>> from vfm_adapters.adaptation.config import load_adaptation_config
+        >>> config = load_adaptation_config({"recipe": "dacs", "model": {"num_classes": 7},
+        ...     "data": {"source": [{"type": "synthetic", "num_images": 2, "size": 40}],
+        ...              "target": [{"type": "synthetic", "domain": "night", "num_images": 2, "size": 40}],
+        ...              "crop_size": [32, 32], "scale": None, "target_scale": None, "num_workers": 0},
+        ...     "train": {"batch_size": 2}})
+        >>> source, target = training_streams(config, start=0, end=1)
+        >>> batch = next(source)
+        >>> batch["image"].shape, batch["label"].shape, next(target)["image"].shape
+        (torch.Size([2, 3, 32, 32]), torch.Size([2, 32, 32]), torch.Size([2, 3, 32, 32]))
     """
     dc, tc = config["data"], config["train"]
     batch, seed, count = int(tc["batch_size"]), int(tc["seed"]), (end - start) * int(tc["batch_size"])

@@ -53,7 +53,14 @@ def segmentor_class(head: str) -> type:
 
 
 def build_backbone(model_config: Mapping[str, Any]) -> nn.Module:
-    """Creates the timm host and loads ``backbone_checkpoint`` (safetensors or torch) if given."""
+    """Creates the timm host and loads ``backbone_checkpoint`` (safetensors or torch) if given.
+
+    Example:
+        >>> vit = build_backbone({"backbone": "vit_tiny_patch16_224", "pretrained": False,
+        ...                       "backbone_kwargs": {"img_size": 32, "depth": 2}})
+        >>> len(vit.blocks), vit.num_classes
+        (2, 0)
+    """
     import timm
 
     resample = model_config.get("patch_resample") or "timm"
@@ -96,6 +103,15 @@ def build_adapted_backbone(
     ``methods`` may name several registered methods (via ``get_method``); ``"freeze"``
     (or an empty list) injects nothing, ``"full"`` or ``train_backbone`` keeps the host
     trainable. ``method_defaults`` are per-method options that ``method_options`` override.
+
+    Example:
+        >>> from vfm_adapters.methods.base import adapter_parameters
+        >>> vit = build_adapted_backbone({"backbone": "vit_tiny_patch16_224", "pretrained": False,
+        ...     "backbone_kwargs": {"img_size": 32, "depth": 2}, "methods": ["rein"],
+        ...     "method_options": {"rein": {"token_length": 4}}})
+        >>> trainable = {id(p) for p in vit.parameters() if p.requires_grad}
+        >>> trainable == {id(p) for p in adapter_parameters(vit)}  # only the adapters train
+        True
     """
     backbone = build_backbone(model_config)
     methods = list(model_config.get("methods") or [])

@@ -72,7 +72,16 @@ def restore_random_state(state: Mapping[str, Any]) -> None:
 
 
 def trained_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Every trained tensor: parameters requiring grad, plus the decode modules' buffers (neck, head)."""
+    """Every trained tensor: parameters requiring grad, plus the decode modules' buffers (neck, head).
+
+    Example:
+        >>> import timm
+        >>> from vfm_adapters.seg.heads import Segmentor
+        >>> seg = Segmentor(timm.create_model("vit_tiny_patch16_224", depth=1, img_size=32).requires_grad_(False),
+        ...                 num_classes=2, head_channels=8)
+        >>> sorted({name.split(".")[0] for name in trained_state(seg)})  # the host is frozen
+        ['head', 'neck']
+    """
     state = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
     state.update({name: b.detach().clone() for name, b in _decode_buffers(model).items()})
     return state
@@ -86,7 +95,22 @@ def _decode_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def save_checkpoint(path: Path, model: nn.Module, optimizer, scheduler, step: int, config: Mapping[str, Any],
                     seconds: float = 0.0) -> None:
-    """Writes the resumable training state atomically (``seconds``: training time so far, over resumes)."""
+    """Writes the resumable training state atomically (``seconds``: training time so far, over resumes).
+
+    Example:
+        >>> import tempfile, timm
+        >>> from vfm_adapters.seg.heads import Segmentor
+        >>> def fresh():
+        ...     seg = Segmentor(timm.create_model("vit_tiny_patch16_224", depth=1, img_size=32), 2, head_channels=8)
+        ...     opt = torch.optim.AdamW(seg.parameters())
+        ...     return seg, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
+        >>> seg, opt, sched = fresh()
+        >>> path = Path(tempfile.mkdtemp()) / CHECKPOINT_NAME
+        >>> save_checkpoint(path, seg, opt, sched, step=7, config={"train": {"seed": 0}})
+        >>> again, opt2, sched2 = fresh()
+        >>> load_checkpoint(path, again, opt2, sched2), torch.equal(again.head.classifier.weight, seg.head.classifier.weight)
+        (7, True)
+    """
     payload = {
         "step": step, "model": trained_state(model), "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(), "rng": random_state(), "config": json.dumps(config, sort_keys=True),
@@ -153,7 +177,15 @@ def config_differences(stored: Mapping[str, Any], current: Mapping[str, Any],
 
 
 def check_resumed_config(stored: str | Mapping[str, Any] | None, config: Mapping[str, Any], path: Path) -> None:
-    """Refuses to resume a checkpoint with a config that differs beyond :data:`RESUME_SAFE_KEYS`, naming the keys."""
+    """Refuses to resume a checkpoint with a config that differs beyond :data:`RESUME_SAFE_KEYS`, naming the keys.
+
+    Example:
+        >>> check_resumed_config({"train": {"iterations": 5}}, {"train": {"iterations": 9}}, Path("ck.pt"))  # allowed
+        >>> check_resumed_config({"optim": {"lr": 1e-4}}, {"optim": {"lr": 2e-4}}, Path("ck.pt"))  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        vfm_adapters.config_tree.ConfigError: cannot resume ck.pt: ... (optim.lr: 0.0001 -> 0.0002)...
+    """
     if stored is None:
         return  # a checkpoint of an older version: nothing to compare
     stored = json.loads(stored) if isinstance(stored, str) else stored
@@ -169,6 +201,21 @@ def save_segmentor(model: nn.Module, directory: str | os.PathLike, model_config:
                    extra: Mapping[str, Any] | None = None) -> Path:
     """Saves what was trained: ``adapters/`` (if any), ``head.safetensors``, ``segmentor.json``,
     and ``backbone.safetensors`` only when the host itself was trained.
+
+    Example:
+        >>> import tempfile
+        >>> from vfm_adapters.seg.build import build_segmentor
+        >>> from vfm_adapters.seg.config import DEFAULTS
+        >>> config = {**DEFAULTS["model"], "backbone": "vit_tiny_patch16_224", "num_classes": 2,
+        ...           "backbone_kwargs": {"img_size": 32, "depth": 1}, "head_channels": 8}
+        >>> _ = torch.manual_seed(0); seg = build_segmentor(config).eval()
+        >>> run = save_segmentor(seg, tempfile.mkdtemp(), config, {"seed": 0})
+        >>> sorted(p.name for p in run.iterdir())
+        ['adapters', 'head.safetensors', 'manifest.json', 'segmentor.json']
+        >>> loaded, info = load_segmentor(run)
+        >>> images = torch.randn(2, 3, 32, 32)
+        >>> torch.allclose(loaded(images), seg(images)), info["methods"]
+        (True, ['rein'])
     """
     from safetensors.torch import save_file
 

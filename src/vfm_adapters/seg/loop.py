@@ -67,6 +67,15 @@ def open_run(output_dir: Path, config: Mapping[str, Any], *, resume: bool, overw
         The folder the old run was moved to (remove it with
         :func:`~vfm_adapters.seg.run_dir.discard_replaced` when the new run ends) and the
         training seconds the kept log records.
+
+    Example:
+        >>> import tempfile
+        >>> run = Path(tempfile.mkdtemp()) / "run"
+        >>> open_run(run, {"train": {"seed": 0}}, resume=False, overwrite=False, start=0)
+        (None, 0.0)
+        >>> append_log(run, {"step": 1, "loss": 0.5, "seconds": 2.0})
+        >>> sorted(p.name for p in run.iterdir()), (run / "log.jsonl").read_text()
+        (['config.json', 'log.jsonl'], '{"step": 1, "loss": 0.5, "seconds": 2.0}\\n')
     """
     replaced = prepare_run_dir(output_dir, resume=resume, overwrite=overwrite, error=error)
     write_atomically(output_dir / "config.json",
@@ -75,7 +84,7 @@ def open_run(output_dir: Path, config: Mapping[str, Any], *, resume: bool, overw
 
 
 def append_log(output_dir: Path, entry: Mapping[str, Any]) -> None:
-    """Appends one JSON line to the run's ``log.jsonl``."""
+    """Appends one JSON line to the run's ``log.jsonl`` (see :func:`open_run`'s example)."""
     append_text(output_dir / LOG_NAME, json.dumps(dict(entry)) + "\n")
 
 
@@ -90,6 +99,11 @@ class StepSchedule:
         log_interval: Log every this many steps (and at ``end``).
         checkpoint_interval: Checkpoint every this many steps (0: only at ``end``).
         checkpoint_path: Where the checkpoint is written (named when training diverges).
+
+    Example:
+        >>> plan = StepSchedule(0, 10, 10, log_interval=4, checkpoint_interval=5, checkpoint_path=Path("ck.pt"))
+        >>> [done for done in range(1, 11) if plan.logs_at(done)], [done for done in range(1, 11) if plan.saves_at(done)]
+        ([4, 8, 10], [5, 10])
     """
 
     start: int
@@ -162,5 +176,10 @@ def _diverged(loss: float, step: int, checkpoint_path: Path, last_saved: int | N
 
 
 def elapsed_since(started: float, offset: float = 0.0) -> float:
-    """Seconds since ``started`` (a ``time.perf_counter()``) plus ``offset`` (earlier runs'), rounded for logs."""
+    """Seconds since ``started`` (a ``time.perf_counter()``) plus ``offset`` (earlier runs'), rounded for logs.
+
+    Example:
+        >>> elapsed_since(time.perf_counter(), offset=10.0) >= 10.0
+        True
+    """
     return round(offset + time.perf_counter() - started, 2)
