@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .checkpoint import CONFIG_NAME, WEIGHTS_NAME, read_adapter_config, save_adapters
+from .checkpoint import WEIGHTS_NAME, read_adapter_config, save_adapters
 from .hub_source import (ADAPTER_FILES, LIBRARY_NAME, _hub_failure, _hub_id_problem, _library_version,  # noqa: F401
                          _local_directory, resolve_adapter_source)
 from .methods.base import ADAPTERS_ATTRIBUTE, AdapterError, injection_state
