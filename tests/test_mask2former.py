@@ -29,13 +29,7 @@ TINY = dict(num_queries=6, num_decoder_layers=2, num_heads=2, ffn_dim=64, hidden
             pixel_decoder_layers=1, pixel_decoder_ffn_dim=64, num_points=256)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny ops: threads only add overhead (and contend on a shared machine).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def tiny_maps(batch: int = 2, channels: int = 16, size: int = 32, seed: int = 0) -> list[torch.Tensor]:

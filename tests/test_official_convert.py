@@ -28,12 +28,7 @@ HEAD = dict(num_decoder_layers=1, num_heads=2, ffn_dim=16, hidden_dim=C, pixel_d
             pixel_decoder_ffn_dim=16, num_points=16)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def tiny_config(scales=(1, 1, 1, 1)) -> dict:

@@ -27,12 +27,7 @@ PREFIX = "backbone.reins."
 DEPTH, WIDTH, TOKENS, RANK, QUERY = 3, 32, 5, 4, 8
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def host(depth: int = DEPTH, width: int = WIDTH) -> torch.nn.Module:

@@ -18,14 +18,6 @@ from vfm_adapters.seg.inference import evaluate, slide_inference, whole_inferenc
 from vfm_adapters.seg.config import ConfigError, load_config
 
 
-@pytest.fixture
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 # ------------------------------------------------------------------ sliding windows (item 11)
 @settings(max_examples=200, deadline=None)
 @given(length=st.integers(1, 300), crop=st.integers(1, 120), stride=st.integers(1, 120))

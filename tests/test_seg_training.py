@@ -20,15 +20,6 @@ from vfm_adapters.seg.optim import no_weight_decay, parameter_groups, poly_facto
 from vfm_adapters.seg.training import train
 
 
-@pytest.fixture
-def one_thread():
-    """One CPU thread: small models run faster that way, and much faster on a busy machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 # ------------------------------------------------------------------ features
 def test_default_layers():
     assert default_layers(24) == [7, 11, 15, 23]
