@@ -20,7 +20,7 @@ from torch import nn
 
 from .._registry import Registry
 from ..methods.base import adapter_parameters, get_method, inject
-from .config import METHOD_DEFAULTS, ConfigError
+from .config import METHOD_DEFAULTS, PSEUDO_METHODS, ConfigError
 from .heads import HEADS, Segmentor
 
 __all__ = ["SEGMENTORS", "build_adapted_backbone", "build_backbone", "build_segmentor", "segmentor_class"]
@@ -29,9 +29,6 @@ __all__ = ["SEGMENTORS", "build_adapted_backbone", "build_backbone", "build_segm
 #: Mask2Former head needs transformers). Heads in ``HEADS`` without an entry use ``Segmentor``.
 SEGMENTORS: Registry[type | str] = Registry(
     "segmentor head", {"mask2former": "vfm_adapters.seg.mask2former:Mask2FormerSegmentor"})
-
-#: ``model.methods`` names that inject nothing.
-NO_METHOD = ("freeze", "full", "none")
 
 
 def segmentor_class(head: str) -> type:
@@ -116,7 +113,7 @@ def build_adapted_backbone(
     backbone = build_backbone(model_config)
     methods = list(model_config.get("methods") or [])
     for name in methods:
-        if name in NO_METHOD:
+        if name in PSEUDO_METHODS:
             continue
         method = get_method(name)
         accepted = set(getattr(method.config_class, "__dataclass_fields__", {}))
