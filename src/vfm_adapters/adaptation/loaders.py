@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, Sampler
 from ..seg.config import ConfigError
 from ..seg.datasets import build_dataset
 from ..seg.label_checks import check_dataset_labels
-from ..seg.sampling import AugmentedStream, StreamSampler
+from ..seg.sampling import AugmentedStream, StreamSampler, collate_samples
 from ..seg.transforms import (Compose, Normalize, PhotoMetricDistortion, RandomCrop, RandomFlip, RandomRescale,
                               Resize)
 from .data import MixedStream, UnlabelledFolder
@@ -26,15 +26,6 @@ __all__ = ["adaptation_transform", "mixes_batches", "training_streams"]
 
 #: The data section that holds a recipe's second (unlabelled) stream.
 UNLABELLED_DATA = {"dacs": "target", "self_training": "unlabelled"}
-
-
-def _collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {"image": torch.stack([s["image"] for s in samples]), "path": [s.get("path") for s in samples]}
-    if all("label" in s for s in samples):
-        out["label"] = torch.stack([s["label"] for s in samples])
-    if all("generated" in s for s in samples):
-        out["generated"] = torch.tensor([bool(s["generated"]) for s in samples])
-    return out
 
 
 def adaptation_transform(crop_size: tuple[int, int], scale: tuple[int, int] | None,
@@ -84,7 +75,7 @@ def _loader(specs, transform, batch: int, seed: int, length: int, workers: int, 
         weights = [float(spec.get("weight", 1.0)) for spec in specs]
         sampler = StreamSampler([len(s) for s in sources], weights, seed=seed, start=start, length=length)
     return DataLoader(AugmentedStream(sources, transform, seed), batch_size=batch, sampler=sampler,
-                      num_workers=workers, collate_fn=_collate, generator=_loader_generator(seed))
+                      num_workers=workers, collate_fn=collate_samples, generator=_loader_generator(seed))
 
 
 def mixes_batches(config: Mapping[str, Any]) -> bool:
@@ -163,7 +154,7 @@ def _mixed_batches(config: Mapping[str, Any], start: int, count: int):
     weights = [float(len(d)) for d in sources] + [factor * len(d) for d in generated]
     sampler = StreamSampler([len(d) for d in sources + generated], weights, seed=seed, start=start, length=count)
     return iter(DataLoader(stream, batch_size=batch, sampler=sampler, num_workers=int(dc["num_workers"]),
-                           collate_fn=_collate, generator=_loader_generator(seed)))
+                           collate_fn=collate_samples, generator=_loader_generator(seed)))
 
 
 def _rare_class_batches(config: Mapping[str, Any], start: int, count: int):
@@ -180,4 +171,4 @@ def _rare_class_batches(config: Mapping[str, Any], start: int, count: int):
     crops = RareClassCrops(source_data, _transform(config, dc["scale"]), seed, min_pixels,
                            float(rcs.get("min_crop_ratio", 0.5)))
     return iter(DataLoader(crops, batch_size=int(tc["batch_size"]), sampler=sampler, num_workers=int(dc["num_workers"]),
-                           collate_fn=_collate, generator=_loader_generator(seed)))
+                           collate_fn=collate_samples, generator=_loader_generator(seed)))

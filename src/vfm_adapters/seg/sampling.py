@@ -18,6 +18,7 @@ from __future__ import annotations
 from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
+import torch
 from torch.utils.data import ConcatDataset, Dataset, Sampler
 
 
@@ -191,3 +192,22 @@ def mix_datasets(
     data = AugmentedStream(sources, transform, seed)
     sampler = StreamSampler([len(s) for s in sources], weights, seed=seed, length=length)
     return data, sampler
+
+
+def collate_samples(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """A batch of stream samples: stacked ``image``, ``label`` (when every sample has one) and
+    ``generated`` flags (when every sample has one), and the list of ``path``\ s (``None`` where unknown).
+
+    Example:
+        >>> batch = collate_samples([{"image": torch.zeros(3, 2, 2), "label": torch.zeros(2, 2), "path": "a.png"},
+        ...                          {"image": torch.ones(3, 2, 2), "label": torch.ones(2, 2)}])
+        >>> batch["image"].shape, batch["label"].shape, batch["path"]
+        (torch.Size([2, 3, 2, 2]), torch.Size([2, 2, 2]), ['a.png', None])
+    """
+    batch: dict[str, Any] = {"image": torch.stack([s["image"] for s in samples]),
+                             "path": [s.get("path") for s in samples]}
+    if all("label" in s for s in samples):
+        batch["label"] = torch.stack([s["label"] for s in samples])
+    if all("generated" in s for s in samples):
+        batch["generated"] = torch.tensor([bool(s["generated"]) for s in samples])
+    return batch

@@ -45,7 +45,7 @@ from .metrics import results_table
 from .model import SegmentationModel, train_mode
 from .optim import build_scheduler
 from .run_dir import check_run_dir, discard_replaced, existing_entries
-from .sampling import AugmentedStream, StreamSampler
+from .sampling import AugmentedStream, StreamSampler, collate_samples
 from .transforms import train_transform
 
 __all__ = ["TrainingDivergedError", "build_val_sets", "evaluate_sets", "make_accelerator", "train"]
@@ -254,7 +254,7 @@ def _train_batches(run: _Run) -> tuple[Iterator[dict[str, Any]], int]:
                             rank=accelerator.process_index, world_size=world)
     loader = DataLoader(AugmentedStream(sources, transform, seed), batch_size=batch, sampler=sampler,
                         num_workers=int(dc["num_workers"]), generator=torch.Generator().manual_seed(seed),
-                        collate_fn=_collate, persistent_workers=False)
+                        collate_fn=collate_samples, persistent_workers=False)
     return iter(loader), accum
 
 
@@ -337,14 +337,6 @@ def _finish(run: _Run, val_sets: Mapping[str, Any], evaluate_at_end: bool, progr
                          lambda p: Path(p).write_text(json.dumps(results, indent=2) + "\n"))
         run.say(results_table({run.output_dir.name: results}))
     return results
-
-
-def _collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
-    return {
-        "image": torch.stack([s["image"] for s in samples]),
-        "label": torch.stack([s["label"] for s in samples]),
-        "path": [s.get("path") for s in samples],
-    }
 
 
 #: Names that lived in this module before the split, and the module that has them now.
