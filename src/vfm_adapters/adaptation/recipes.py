@@ -197,8 +197,8 @@ def _step_function(config: Mapping[str, Any], trainer: Any, source, target, devi
 
     def step(_: int) -> dict[str, Any]:
         src = next(source)
+        check_label_range(src["label"], num_classes, src["path"])  # on the loader's CPU tensor: no device sync
         images, labels = src["image"].to(device), src["label"].to(device)
-        check_label_range(labels, num_classes, src["path"])
         if mixed:
             out = trainer.step_mixed(images, labels, src["generated"].to(device))
         elif recipe == "source_only":

@@ -294,9 +294,9 @@ def _step(run: _Run, batches: Iterator[dict[str, Any]], accum: int) -> dict[str,
     num_classes, step_loss = int(run.config["model"]["num_classes"]), 0.0
     for micro in range(accum):
         data = next(batches)
+        check_label_range(data["label"], num_classes, data["path"])  # on the loader's CPU tensor: no device sync
         images = data["image"].to(accelerator.device, non_blocking=True)
         labels = data["label"].to(accelerator.device, non_blocking=True)
-        check_label_range(labels, num_classes, data["path"])
         with accelerator.no_sync(model) if micro < accum - 1 else nullcontext():
             with accelerator.autocast():  # the model's own loss, inside forward (DDP-safe)
                 loss = model(images, labels) / accum
