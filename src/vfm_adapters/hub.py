@@ -25,7 +25,6 @@ Three things live here, all on top of :mod:`vfm_adapters.checkpoint`'s two-file 
 from __future__ import annotations
 
 import os
-import re
 import tempfile
 import warnings
 from pathlib import Path
@@ -35,8 +34,8 @@ import torch
 from torch import nn
 
 from .checkpoint import WEIGHTS_NAME, read_adapter_config, save_adapters
-from .hub_source import (ADAPTER_FILES, LIBRARY_NAME, _hub_failure, _hub_id_problem, _library_version,  # noqa: F401
-                         _local_directory, resolve_adapter_source)
+from .hub_source import ADAPTER_FILES, LIBRARY_NAME, _hub_failure, _hub_id_problem, _library_version, _local_directory
+from .hub_source import resolve_adapter_source  # noqa: F401 - public here too (vfm_adapters.resolve_adapter_source)
 from .methods.base import ADAPTERS_ATTRIBUTE, AdapterError, injection_state
 
 MODEL_CARD_NAME = "README.md"
