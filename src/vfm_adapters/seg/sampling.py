@@ -196,7 +196,7 @@ def mix_datasets(
 
 def collate_samples(samples: list[dict[str, Any]]) -> dict[str, Any]:
     """A batch of stream samples: stacked ``image``, ``label`` (when every sample has one) and
-    ``generated`` flags (when every sample has one), and the list of ``path``\ s (``None`` where unknown).
+    ``generated`` flags (when every sample has one), and the list of paths (``None`` where unknown).
 
     Example:
         >>> batch = collate_samples([{"image": torch.zeros(3, 2, 2), "label": torch.zeros(2, 2), "path": "a.png"},
